@@ -1,0 +1,112 @@
+"""Argument checks shared by the public functions.
+
+Everything here runs at trace time on static information (shapes, dtypes, Python
+values). Checks that need array values (NaN positions, a traced voxel size) become
+error flags in the kernel map instead; see ``kernel_map.py``.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(x) -> bool:
+  """True when ``x`` holds a value now (not a tracer inside jit/vmap/grad)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_float_array(name: str, x, ndim: int | None = None):
+  """Returns ``jnp.asarray(x)``; raises if it is not a floating array of rank ``ndim``."""
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+  if ndim is not None and x.ndim != ndim:
+    raise ValueError(f"{name} must have rank {ndim}, got shape {x.shape}")
+  return x
+
+
+def check_positions(name: str, pos):
+  """Positions: float array of shape ``(n, 3)`` holding ``[x, y, z]``."""
+  pos = check_float_array(name, pos, 2)
+  if pos.shape[1] != 3:
+    raise ValueError(f"{name} must have shape (num_points, 3), got {pos.shape}")
+  return pos
+
+
+def check_voxel_size(voxel_size):
+  """``voxel_size`` must be a positive, finite scalar (checked now when concrete)."""
+  if isinstance(voxel_size, (bool, np.bool_)) or not (
+      isinstance(voxel_size, numbers.Real) or hasattr(voxel_size, "shape")):
+    raise TypeError(f"voxel_size must be a real scalar, got {type(voxel_size).__name__}")
+  if np.ndim(voxel_size) != 0:
+    raise ValueError(f"voxel_size must be a scalar, got shape {np.shape(voxel_size)}")
+  if is_concrete(voxel_size):
+    v = float(np.asarray(voxel_size))
+    if not (np.isfinite(v) and v > 0):
+      raise ValueError(f"voxel_size must be positive and finite, got {v}")
+  return voxel_size
+
+
+def normalize_kernel_size(kernel_size) -> tuple[int, int, int]:
+  """An int ``K`` or a 3-sequence in kernel-array order ``(Kz, Ky, Kx)``."""
+  if isinstance(kernel_size, numbers.Integral):
+    ks = (int(kernel_size),) * 3
+  else:
+    ks = tuple(kernel_size)
+    if len(ks) != 3 or not all(isinstance(k, numbers.Integral) for k in ks):
+      raise ValueError(f"kernel_size must be an int or 3 ints (Kz, Ky, Kx), got {kernel_size!r}")
+    ks = tuple(int(k) for k in ks)
+  if min(ks) < 1:
+    raise ValueError(f"kernel_size entries must be >= 1, got {ks}")
+  return ks
+
+
+def default_offset(kernel_size) -> tuple[float, float, float]:
+  """Open3D's default offset in position order ``[x, y, z]``: 0 for odd, -0.5 for even K."""
+  kz, ky, kx = kernel_size
+  return tuple(0.0 if k % 2 else -0.5 for k in (kx, ky, kz))
+
+
+def normalize_offset(offset, kernel_size) -> tuple[float, float, float]:
+  """``None`` (Open3D's default) or a static 3-vector ``[x, y, z]`` in voxel units."""
+  if offset is None:
+    return default_offset(kernel_size)
+  if not is_concrete(offset):
+    raise ValueError(
+        "offset must be static (a Python sequence or NumPy array), not a traced value: "
+        "it decides which voxel offsets the kernel map searches")
+  off = np.asarray(offset, dtype=np.float64)
+  if off.shape != (3,):
+    raise ValueError(f"offset must have shape (3,) ([x, y, z]), got {off.shape}")
+  if not np.all(np.isfinite(off)):
+    raise ValueError(f"offset must be finite, got {off.tolist()}")
+  return tuple(float(o) for o in off)
+
+
+def as_mask(name: str, valid, n: int):
+  """Validity as a bool mask of shape ``(n,)`` from ``None``, a count, or a mask."""
+  if valid is None:
+    return jnp.ones((n,), bool)
+  valid = jnp.asarray(valid)
+  if valid.ndim == 0:
+    if not jnp.issubdtype(valid.dtype, jnp.integer):
+      raise TypeError(f"{name} as a count must be an integer, got dtype {valid.dtype}")
+    return jnp.arange(n) < valid
+  if valid.shape != (n,) or valid.dtype != jnp.bool_:
+    raise ValueError(
+        f"{name} must be an integer count or a bool mask of shape ({n},), "
+        f"got dtype {valid.dtype} shape {valid.shape}")
+  return valid
+
+
+def check_batch(name: str, batch, n: int):
+  """Packed-batch ids: integer array of shape ``(n,)``."""
+  batch = jnp.asarray(batch)
+  if not jnp.issubdtype(batch.dtype, jnp.integer) or batch.shape != (n,):
+    raise ValueError(
+        f"{name} must be an integer array of shape ({n},), got dtype {batch.dtype} shape {batch.shape}")
+  return batch.astype(jnp.int32)

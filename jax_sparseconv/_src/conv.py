@@ -1,0 +1,227 @@
+"""Sparse convolution and transposed convolution over a kernel map (pure jnp).
+
+Both ops reduce to one primitive computation, ``_apply_map``:
+``y[m] = sum_s x[neighbors[m, s]] @ W[cell[s]]`` with a zero row for the sentinel.
+It is evaluated in chunks of outputs so that the gathered ``(chunk, slots, Cin)``
+buffer stays within ``CHUNK_BYTES``; the chunk size is a static function of the
+shapes (see :func:`chunk_rows`). Everything is ordinary jnp, so ``jit``, ``vmap``,
+``grad``, ``jvp`` and higher derivatives work, with respect to features, kernel,
+bias and importance (positions are integer-quantised and get no gradient).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import checks
+from .kernel_map import KernelMap, build_kernel_map
+
+#: Memory budget of one gathered chunk, in bytes (rows * slots * Cin * itemsize).
+CHUNK_BYTES = 16 * 2**20
+#: Bounds on the number of output rows in one chunk.
+MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 256, 8192
+
+
+def chunk_rows(num_slots: int, in_channels: int, itemsize: int) -> int:
+  """Outputs per chunk: the largest power of two with the gather under ``CHUNK_BYTES``."""
+  per_row = max(1, num_slots * in_channels * itemsize)
+  rows = 1 << max(0, int(np.floor(np.log2(max(1, CHUNK_BYTES // per_row)))))
+  return int(min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, rows)))
+
+
+def _accum_dtype(dtype):
+  return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
+
+
+def _apply_map(neighbors, x, w_slots, out_dtype):
+  """``y[m] = sum_s x[neighbors[m, s]] @ w_slots[s]``; sentinel ``len(x)`` gathers zeros."""
+  m, s = neighbors.shape
+  cin, cout = w_slots.shape[1:]
+  acc = _accum_dtype(out_dtype)
+  if m == 0 or s == 0 or cin == 0:
+    return jnp.zeros((m, cout), out_dtype)
+  x = jnp.concatenate([x, jnp.zeros((1, cin), x.dtype)])
+  w = w_slots.reshape(s * cin, cout)
+
+  def block(nbr):
+    g = x[nbr].reshape(nbr.shape[0], s * cin)
+    return jnp.dot(g, w, preferred_element_type=acc)
+
+  rows = chunk_rows(s, cin, jnp.dtype(x.dtype).itemsize)
+  if m <= rows:
+    return block(neighbors).astype(out_dtype)
+  nchunks = -(-m // rows)
+  pad = nchunks * rows - m
+  nbr = jnp.pad(neighbors, ((0, pad), (0, 0)), constant_values=x.shape[0] - 1)
+  y = jax.lax.map(block, nbr.reshape(nchunks, rows, s))
+  return y.reshape(nchunks * rows, cout)[:m].astype(out_dtype)
+
+
+def _unpack_params(params, feats, transpose):
+  if not isinstance(params, Mapping) or "kernel" not in params:
+    raise TypeError("params must be a mapping with a 'kernel' entry (and optionally 'bias')")
+  extra = set(params) - {"kernel", "bias"}
+  if extra:
+    raise ValueError(f"params has unknown entries {sorted(extra)}; expected 'kernel' and 'bias'")
+  kernel = checks.check_float_array("params['kernel']", params["kernel"], 5)
+  bias = params.get("bias")
+  if bias is not None:
+    bias = checks.check_float_array("params['bias']", bias, 1)
+    if bias.shape != (kernel.shape[4],):
+      raise ValueError(f"params['bias'] must have shape ({kernel.shape[4]},) to match kernel "
+                       f"{kernel.shape}, got {bias.shape}")
+  if feats.shape[1] != kernel.shape[3]:
+    name = "sparse_conv_transpose" if transpose else "sparse_conv"
+    raise ValueError(f"{name}: feats has {feats.shape[1]} channels but the kernel {kernel.shape} "
+                     f"(Kz, Ky, Kx, Cin, Cout) expects Cin={kernel.shape[3]}")
+  return kernel, bias
+
+
+def _check_importance(name, imp, n):
+  if imp is None:
+    return None
+  imp = checks.check_float_array(name, imp, 1)
+  if imp.shape != (n,):
+    raise ValueError(f"{name} must have shape ({n},), got {imp.shape}")
+  return imp
+
+
+def _prepare(params, feats, in_pos, out_pos, voxel_size, offset, kernel_map, transpose):
+  """Shared argument checks, and the kernel map (built unless given)."""
+  feats = checks.check_float_array("feats", feats, 2)
+  in_pos = checks.check_positions("in_pos", in_pos)
+  out_pos = checks.check_positions("out_pos", out_pos)
+  if feats.shape[0] != in_pos.shape[0]:
+    raise ValueError(f"feats has {feats.shape[0]} rows but in_pos has {in_pos.shape[0]} "
+                     f"(shapes {feats.shape} and {in_pos.shape})")
+  checks.check_voxel_size(voxel_size)
+  kernel, bias = _unpack_params(params, feats, transpose)
+  ks = tuple(kernel.shape[:3])
+  if kernel_map is None:
+    kernel_map = build_kernel_map(in_pos, out_pos, voxel_size, ks, offset=offset,
+                                  transpose=transpose)
+  else:
+    if not isinstance(kernel_map, KernelMap):
+      raise TypeError(f"kernel_map must be a KernelMap, got {type(kernel_map).__name__}")
+    if kernel_map.transpose != transpose:
+      want = "transpose=True" if transpose else "transpose=False"
+      raise ValueError(f"kernel_map was built with transpose={kernel_map.transpose}; "
+                       f"build it with {want} for this function")
+    if kernel_map.kernel_size != ks:
+      raise ValueError(f"kernel_map was built for kernel_size {kernel_map.kernel_size} but the "
+                       f"kernel has shape {kernel.shape}")
+    if offset is not None and checks.normalize_offset(offset, ks) != kernel_map.offset:
+      raise ValueError(f"offset {offset} differs from the kernel_map's {kernel_map.offset}")
+    if kernel_map.num_in != in_pos.shape[0] or kernel_map.num_out != out_pos.shape[0]:
+      raise ValueError(f"kernel_map is for {kernel_map.num_in} inputs and {kernel_map.num_out} "
+                       f"outputs, got in_pos {in_pos.shape} and out_pos {out_pos.shape}")
+  return feats, kernel_map, kernel, bias
+
+
+@functools.partial(jax.jit, static_argnames=("normalize", "activation", "transpose"))
+def _conv(kernel, bias, feats, importance, km, *, normalize, activation, transpose):
+  """Both ops after argument checks, as one compiled program."""
+  dtype = jnp.result_type(feats.dtype, kernel.dtype)
+  w = kernel.reshape(-1, *kernel.shape[3:])[np.asarray(km.slot_cells, np.int32)]
+  x = feats
+  if not transpose and importance is not None:
+    x = feats * importance[:, None].astype(feats.dtype)
+  if transpose and normalize:
+    x = feats / jnp.maximum(km.input_counts(), 1)[:, None].astype(feats.dtype)
+  y = _apply_map(km.neighbors, x, w, dtype)
+  if not transpose and normalize:
+    y = y / jnp.maximum(km.neighbor_counts(), 1)[:, None].astype(y.dtype)
+  if transpose and importance is not None:
+    y = y * importance[:, None].astype(y.dtype)
+  if bias is not None:
+    y = y + bias.astype(y.dtype)
+  if activation is not None:
+    y = activation(y)
+  y = jnp.where(km.out_mask[:, None], y, jnp.zeros((), y.dtype))
+  # Under jit an invalid map cannot raise: poison the result instead of being silently wrong.
+  return jnp.where(km.flags != 0, jnp.array(jnp.nan, y.dtype), y)
+
+
+def sparse_conv(params, feats, in_pos, out_pos, voxel_size, *, offset=None, normalize=False,
+                inp_importance=None, kernel_map=None, activation=None):
+  """Open3D-ML's ``SparseConv``, as a pure function.
+
+  For each output point ``m``::
+
+      y[m] = s[m] * sum_{n in N(m)} imp[n] * feats[n] @ kernel[cell(n, m)] + bias
+
+  where ``N(m)`` are the inputs in the kernel's window around ``out_pos[m]``
+  (offset by ``-offset * voxel_size``), ``cell`` follows Open3D's rounding, and
+  ``s[m] = 1 / |N(m)|`` when ``normalize`` (1 for outputs without neighbours, which
+  therefore get exactly ``bias``). On a regular grid this equals a dense
+  ``padding='same'`` convolution read at the output voxels.
+
+  Args:
+    params: ``{"kernel": (Kz, Ky, Kx, Cin, Cout), "bias": (Cout,)}``, bias optional.
+      Open3D's layout: the first kernel axis is z. Non-cubic kernels are allowed.
+    feats: ``(num_in, Cin)`` input features (float32/float64/bfloat16/float16; half
+      types accumulate in float32).
+    in_pos: ``(num_in, 3)`` input positions ``[x, y, z]``.
+    out_pos: ``(num_out, 3)`` output positions on the same lattice.
+    voxel_size: positive scalar.
+    offset: static ``[x, y, z]`` offset in voxels; default 0 (odd K) / -0.5 (even K).
+    normalize: divide each output by its number of neighbours.
+    inp_importance: optional ``(num_in,)`` weights multiplying the input features.
+    kernel_map: optional :class:`KernelMap` from :func:`build_kernel_map` (with the
+      same points, kernel size and offset). Required for padded point sets or packed
+      batches: validity and batch indices are given when building it.
+    activation: optional callable applied to the result.
+
+  Returns:
+    ``(num_out, Cout)`` output features, dtype ``result_type(feats, kernel)``.
+
+  >>> import jax, jax.numpy as jnp
+  >>> pos = jnp.array([[0.5, 0.5, 0.5], [1.5, 0.5, 0.5]])
+  >>> params = {"kernel": jnp.ones((3, 3, 3, 2, 4)), "bias": jnp.zeros(4)}
+  >>> sparse_conv(params, jnp.ones((2, 2)), pos, pos, 1.0).tolist()[0]
+  [4.0, 4.0, 4.0, 4.0]
+  """
+  feats, km, kernel, bias = _prepare(params, feats, in_pos, out_pos, voxel_size, offset,
+                                     kernel_map, transpose=False)
+  imp = _check_importance("inp_importance", inp_importance, feats.shape[0])
+  return _conv(kernel, bias, feats, imp, km, normalize=bool(normalize), activation=activation,
+               transpose=False)
+
+
+def sparse_conv_transpose(params, feats, in_pos, out_pos, voxel_size, *, offset=None,
+                          normalize=False, out_importance=None, kernel_map=None,
+                          activation=None):
+  """Open3D-ML's ``SparseConvTranspose``, as a pure function.
+
+  Each input ``n`` spreads ``t[n] * feats[n] @ kernel[cell]`` to the outputs ``M(n)``
+  in the kernel's window around ``in_pos[n] - offset * voxel_size``, with the
+  relative position reversed (``d = out_pos - in_pos``)::
+
+      y[m] = out_importance[m] * sum_{n : m in M(n)} t[n] * feats[n] @ kernel[cell] + bias
+
+  where ``t[n] = 1 / |M(n)|`` when ``normalize`` (and ``|M(n)| > 0``), else 1. It is
+  the adjoint of :func:`sparse_conv` from the output set to the input set.
+
+  Args: as :func:`sparse_conv`, with ``out_importance`` ``(num_out,)`` in place of
+  ``inp_importance``; a given ``kernel_map`` must be built with ``transpose=True``.
+
+  Returns:
+    ``(num_out, Cout)`` output features.
+
+  >>> import jax.numpy as jnp
+  >>> coarse = jnp.array([[0.5, 0.5, 0.5]])
+  >>> fine = jnp.array([[0.5, 0.5, 0.5], [1.5, 0.5, 0.5], [2.5, 0.5, 0.5]])
+  >>> params = {"kernel": jnp.ones((2, 2, 2, 1, 1))}
+  >>> sparse_conv_transpose(params, jnp.ones((1, 1)), coarse, fine, 1.0).ravel().tolist()
+  [1.0, 1.0, 0.0]
+  """
+  feats, km, kernel, bias = _prepare(params, feats, in_pos, out_pos, voxel_size, offset,
+                                     kernel_map, transpose=True)
+  imp = _check_importance("out_importance", out_importance, jnp.shape(out_pos)[0])
+  return _conv(kernel, bias, feats, imp, km, normalize=bool(normalize), activation=activation,
+               transpose=True)

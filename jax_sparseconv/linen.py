@@ -1,0 +1,127 @@
+"""Flax Linen layers: ``SparseConv`` and ``SparseConvTranspose``.
+
+Thin wrappers: each creates ``kernel`` ``(Kz, Ky, Kx, Cin, filters)`` and ``bias``
+``(filters,)`` parameters (Open3D's names, shapes and layout, so Open3D weights load
+unchanged) and calls the pure function, which is the single source of truth.
+
+Open3D's ``kernel_regularizer`` / ``bias_regularizer`` have no layer argument here:
+in JAX a regulariser is a term of the loss over the parameter tree, e.g.
+``loss + 1e-4 * sum(jnp.sum(p["kernel"] ** 2) for p in params_of_conv_layers)``,
+or ``optax.add_decayed_weights`` masked to the kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+
+from jax_sparseconv._src import checks
+from jax_sparseconv._src.conv import sparse_conv, sparse_conv_transpose
+
+__all__ = ["SparseConv", "SparseConvTranspose", "uniform_init"]
+
+
+def uniform_init(scale: float = 0.05) -> Callable:
+  """Uniform in ``[-scale, scale]``: Open3D's (Keras ``'uniform'``) kernel initialiser."""
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -scale, scale)
+  return init
+
+
+class _SparseConvLayer(nn.Module):
+  """Fields shared by both layers; ``_run`` creates the parameters and calls ``fn``."""
+  filters: int
+  kernel_size: int | Sequence[int] = 3
+  activation: Callable | None = None
+  use_bias: bool = True
+  normalize: bool = False
+  offset: Sequence[float] | None = None
+  in_channels: int | None = None
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = uniform_init(0.05)
+  bias_init: Callable = nn.initializers.zeros_init()
+
+  def _run(self, fn, feats, inp_positions, out_positions, voxel_size, importance, kernel_map,
+           importance_name):
+    cin = jnp.shape(feats)[-1]
+    if self.in_channels is not None and self.in_channels != cin:
+      raise ValueError(f"{type(self).__name__}: in_channels={self.in_channels} but feats has "
+                       f"shape {jnp.shape(feats)}")
+    ks = checks.normalize_kernel_size(self.kernel_size)
+    kernel = self.param("kernel", self.kernel_init, (*ks, cin, self.filters), self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.filters,), self.param_dtype)
+            if self.use_bias else None)
+    feats, kernel, bias, importance = promote_dtype(
+        feats, kernel, bias, importance, dtype=self.dtype)
+    params = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
+    return fn(params, feats, inp_positions, out_positions, voxel_size, offset=self.offset,
+              normalize=self.normalize, kernel_map=kernel_map, activation=self.activation,
+              **{importance_name: importance})
+
+
+class SparseConv(_SparseConvLayer):
+  """Sparse 3D convolution layer (Open3D-ML's ``SparseConv``) for Flax Linen.
+
+  Example usage::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jax_sparseconv.linen import SparseConv
+    >>> pos = jnp.array([[0.5, 0.5, 0.5], [1.5, 0.5, 0.5], [1.5, 1.5, 0.5]])
+    >>> layer = SparseConv(filters=8, kernel_size=3)
+    >>> variables = layer.init(jax.random.key(0), jnp.ones((3, 4)), pos, pos, 1.0)
+    >>> jax.tree_util.tree_map(jnp.shape, variables["params"])
+    {'bias': (8,), 'kernel': (3, 3, 3, 4, 8)}
+
+  Attributes:
+    filters: number of output channels.
+    kernel_size: int or ``(Kz, Ky, Kx)`` (kernel-array order); default 3.
+    activation: callable applied to the output, or None (default).
+    use_bias: add a bias (default True).
+    normalize: divide by the number of neighbours (default False).
+    offset: static ``[x, y, z]`` offset in voxels, None for Open3D's default.
+    in_channels: accepted for Open3D/PyTorch compatibility; inferred from ``feats``
+      and checked when given.
+    dtype: computation dtype (default: inferred from inputs and params).
+    param_dtype: parameter dtype (default float32).
+    kernel_init: default uniform in ``[-0.05, 0.05]`` as in Open3D.
+    bias_init: default zeros.
+  """
+
+  @nn.compact
+  def __call__(self, feats, inp_positions, out_positions, voxel_size, inp_importance=None,
+               kernel_map=None):
+    """Returns ``(num_out, filters)`` features; see :func:`jax_sparseconv.sparse_conv`."""
+    return self._run(sparse_conv, feats, inp_positions, out_positions, voxel_size,
+                     inp_importance, kernel_map, "inp_importance")
+
+
+class SparseConvTranspose(_SparseConvLayer):
+  """Sparse 3D transposed convolution layer (Open3D-ML's ``SparseConvTranspose``).
+
+  Example usage::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jax_sparseconv.linen import SparseConvTranspose
+    >>> coarse = jnp.array([[0.5, 0.5, 0.5]])
+    >>> fine = jnp.array([[0.5, 0.5, 0.5], [1.5, 0.5, 0.5]])
+    >>> layer = SparseConvTranspose(filters=2, kernel_size=2)
+    >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 3)), coarse, fine, 1.0)
+    >>> jax.tree_util.tree_map(jnp.shape, variables["params"])
+    {'bias': (2,), 'kernel': (2, 2, 2, 3, 2)}
+
+  Attributes: as :class:`SparseConv`. The call takes ``out_importance`` in place of
+  ``inp_importance``; a given ``kernel_map`` must be built with ``transpose=True``.
+  """
+
+  @nn.compact
+  def __call__(self, feats, inp_positions, out_positions, voxel_size, out_importance=None,
+               kernel_map=None):
+    """Returns ``(num_out, filters)``; see :func:`jax_sparseconv.sparse_conv_transpose`."""
+    return self._run(sparse_conv_transpose, feats, inp_positions, out_positions, voxel_size,
+                     out_importance, kernel_map, "out_importance")
