@@ -138,3 +138,19 @@ def test_packed_batch_never_crosses_clouds(rng):
   ka, kb = sc.build_kernel_map(a, a, 1.0, 3), sc.build_kernel_map(b, b, 1.0, 3)
   assert got[:50] == map_as_sets(ka)
   assert got[50:] == [[i + 50 for i in row] for row in map_as_sets(kb)]
+
+
+@pytest.mark.parametrize("extent", [12, 40, 300], ids=lambda e: f"extent{e}")
+def test_both_lookup_paths_match_brute_force(rng, extent):
+  """Small spans use the O(1) bucket bitmap, wide ones a binary search per bucket."""
+  from jax_sparseconv._src.kernel_map import _bucket_bits
+  n = 400
+  flat = rng.choice(extent**3, size=n, replace=False)
+  idx = np.stack(np.unravel_index(flat, (extent,) * 3), axis=1)
+  pos = ((idx + 0.5) * 0.1).astype(np.float32)
+  km = sc.build_kernel_map(pos, pos[:300], 0.1, 3)
+  expect = reference.brute_force_neighbors(pos, pos[:300], 0.1, (3, 3, 3))
+  assert map_as_sets(km) == [sorted(int(i) for i in e) for e in expect]
+  code_bits = 3 * int(extent + 2).bit_length()
+  uses_bitmap = code_bits - _bucket_bits(n) <= 5
+  assert uses_bitmap == (extent == 12)

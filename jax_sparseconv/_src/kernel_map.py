@@ -196,21 +196,80 @@ def _lex_less(a_words, b_words):
   return less
 
 
-def _lower_bound(sorted_words, query_words):
-  """Vectorised lexicographic ``searchsorted(side='left')``."""
+def _lower_bound(sorted_words, query_words, lo, hi):
+  """Vectorised lexicographic ``searchsorted(side='left')`` of each query within
+  ``sorted_words[lo:hi]``; iterates until every query has converged."""
   n = sorted_words[0].shape[0]
-  lo = jnp.zeros(query_words[0].shape, jnp.int32)
-  hi = jnp.full(query_words[0].shape, n, jnp.int32)
 
-  def step(_, state):
+  def step(state):
     lo, hi = state
     mid = jnp.minimum((lo + hi) // 2, n - 1)
     less = _lex_less([w[mid] for w in sorted_words], query_words)
     active = lo < hi
     return jnp.where(active & less, mid + 1, lo), jnp.where(active & ~less, mid, hi)
 
-  lo, _ = jax.lax.fori_loop(0, max(1, n.bit_length()), step, (lo, hi))
+  lo, _ = jax.lax.while_loop(lambda st: jnp.any(st[0] < st[1]), step, (lo, hi))
   return lo
+
+
+def _bucket_bits(n: int) -> int:
+  """Bits ``B`` of the Morton-code prefix indexing the search's tables (static).
+
+  About 8 buckets per point up to 2**17 points, growing faster beyond (a surface of
+  N voxels spans ~sqrt(N) voxels per axis, so its code space grows as N**1.5), capped
+  at 2**25. The two tables (bucket starts and occupancy masks) take ``8 * 2**B``
+  bytes: 8 MiB at 100k points, 256 MiB from 1M on. The O(1) bitmap lookup covers
+  spans up to ``2**((B + 5) / 3)`` voxels per axis (~320 at 100k points, 1024 from
+  1M on); larger spans use a binary search within each bucket.
+  """
+  b = int(n).bit_length()
+  return int(min(25, max(8, b + 3 + max(0, b - 17))))
+
+
+def _prefix(hi, lo, shift):
+  """``((hi << 30) | lo) >> shift`` (shift >= 0), keeping 32 bits."""
+  s = shift.astype(jnp.uint32)
+  low_part = (hi << jnp.clip(30 - shift, 0, 31).astype(jnp.uint32)) | (lo >> jnp.minimum(s, 31))
+  high_part = hi >> jnp.clip(shift - 30, 0, 31).astype(jnp.uint32)
+  return jnp.where(shift <= 30, low_part, high_part)
+
+
+def _find(sorted_words, query_words, max_coord):
+  """Index of each query key in the sorted ``(hi, lo)`` keys, and whether it is there.
+
+  The top ``B`` bits of the used part of the Morton code (coordinates are below
+  ``max_coord``, so codes have ``3 * bit_length(max_coord)`` bits) index a table of
+  where each prefix's bucket starts in the sorted keys (a histogram and a cumulative
+  sum). When a bucket spans at most 32 codes (spans up to ~2**((B + 5) / 3) voxels),
+  an occupancy bitmask per bucket answers each query in O(1): present iff its bit is
+  set, index = bucket start + popcount of the lower bits. Otherwise each query
+  binary-searches its own bucket. Sentinel keys (padding) sort after every bucket.
+  """
+  hi, lo = sorted_words
+  bits = _bucket_bits(hi.shape[0])
+  nbits = 32 - jax.lax.clz(jnp.maximum(max_coord, 1).astype(jnp.uint32)).astype(jnp.int32)
+  shift = jnp.maximum(3 * nbits - bits, 0)
+  sentinel = hi == _SENTINEL_KEY
+  in_prefix = jnp.where(sentinel, 1 << bits, _prefix(hi, lo, shift).astype(jnp.int32))
+  counts = jnp.zeros((1 << bits) + 1, jnp.int32).at[in_prefix].add(1)
+  start = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(counts)]).astype(jnp.int32)
+  qp = jnp.clip(_prefix(*query_words, shift).astype(jnp.int32), 0, (1 << bits) - 1)
+
+  def bitmap(_):
+    low = jnp.uint32(31) & ((jnp.uint32(1) << shift.astype(jnp.uint32)) - 1)
+    in_bit = jnp.where(sentinel, 0, jnp.uint32(1) << (lo & low))
+    masks = jnp.zeros((1 << bits) + 1, jnp.uint32).at[in_prefix].add(in_bit)  # bits unique
+    m = masks[qp]
+    r = query_words[1] & low
+    below = m & ((jnp.uint32(1) << r) - 1)
+    pos = start[qp] + jax.lax.population_count(below).astype(jnp.int32)
+    return pos, ((m >> r) & 1) == 1
+
+  def search(_):
+    pos = _lower_bound(sorted_words, query_words, start[qp], start[qp + 1])
+    return pos, (hi[pos] == query_words[0]) & (lo[pos] == query_words[1])
+
+  return jax.lax.cond(shift <= 5, bitmap, search, None)
 
 
 def _keys(coords, batch):
@@ -265,9 +324,13 @@ def _search(in_pos, out_pos, voxel_size, in_mask, out_mask, in_batch, out_batch,
   q_ok = out_mask[:, None] & jnp.all((cq >= 0) & (cq < MAX_COORD), axis=-1)
   qb = None if out_batch is None else jnp.broadcast_to(out_batch[:, None], cq.shape[:2])
   q_keys = _keys(jnp.clip(cq, 0, MAX_COORD - 1), qb)
-  pos = _lower_bound(sorted_keys, q_keys)
-  hit = q_ok & functools.reduce(jnp.logical_and,
-                                [k[pos] == q for k, q in zip(sorted_keys, q_keys)])
+  if out_batch is None:
+    pos, found = _find(sorted_keys, q_keys, span + margin + 1)
+  else:  # packed batches: a plain binary search over the whole sorted array
+    full = jnp.full(q_keys[0].shape, n + 1, jnp.int32)
+    pos = _lower_bound(sorted_keys, q_keys, jnp.zeros_like(full), full)
+    found = functools.reduce(jnp.logical_and, [k[pos] == q for k, q in zip(sorted_keys, q_keys)])
+  hit = q_ok & found
   neighbors = jnp.where(hit, perm[pos], n).astype(jnp.int32)
 
   return neighbors, flags.astype(jnp.int32)
