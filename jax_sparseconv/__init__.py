@@ -4,7 +4,7 @@ Flax Linen layers live in :mod:`jax_sparseconv.linen`, so importing this package
 does not import Flax.
 """
 
-from jax_sparseconv._src.conv import CHUNK_BYTES as CHUNK_BYTES
+from jax_sparseconv._src.gather_matmul import CHUNK_BYTES as CHUNK_BYTES
 from jax_sparseconv._src.conv import sparse_conv as sparse_conv
 from jax_sparseconv._src.conv import sparse_conv_transpose as sparse_conv_transpose
 from jax_sparseconv._src.kernel_map import KernelMap as KernelMap

@@ -53,7 +53,9 @@ def rng(request):
 @contextlib.contextmanager
 def small_chunks(monkeypatch, rows):
   """Forces the chunked (``lax.map``) conv path with ``rows`` outputs per chunk."""
-  from jax_sparseconv._src import conv
+  from jax_sparseconv._src import gather_matmul as conv
   monkeypatch.setattr(conv, "MIN_CHUNK_ROWS", rows)
   monkeypatch.setattr(conv, "MAX_CHUNK_ROWS", rows)
+  jax.clear_caches()  # compiled programs baked in the old chunk size
   yield
+  jax.clear_caches()

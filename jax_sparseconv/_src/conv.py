@@ -1,12 +1,11 @@
 """Sparse convolution and transposed convolution over a kernel map (pure jnp).
 
-Both ops reduce to one primitive computation, ``_apply_map``:
-``y[m] = sum_s x[neighbors[m, s]] @ W[cell[s]]`` with a zero row for the sentinel.
-It is evaluated in chunks of outputs so that the gathered ``(chunk, slots, Cin)``
-buffer stays within ``CHUNK_BYTES``; the chunk size is a static function of the
-shapes (see :func:`chunk_rows`). Everything is ordinary jnp, so ``jit``, ``vmap``,
-``grad``, ``jvp`` and higher derivatives work, with respect to features, kernel,
-bias and importance (positions are integer-quantised and get no gradient).
+Both ops reduce to one primitive, :func:`gather_matmul.gather_matmul`:
+``y[m] = sum_s x[neighbors[m, s]] @ W[cell[s]]`` with a zero row for the sentinel,
+evaluated in chunks of outputs (see ``gather_matmul.CHUNK_BYTES``), whose transpose
+gathers through the kernel map's inverse. ``jit``, ``vmap``, ``grad``, ``jvp`` and
+higher derivatives work, with respect to features, kernel, bias and importance
+(positions are integer-quantised and get no gradient).
 """
 
 from __future__ import annotations
@@ -19,48 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import checks
+from .gather_matmul import gather_matmul
 from .kernel_map import KernelMap, build_kernel_map
-
-#: Memory budget of one gathered chunk, in bytes (rows * slots * Cin * itemsize).
-CHUNK_BYTES = 16 * 2**20
-#: Bounds on the number of output rows in one chunk.
-MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 256, 8192
-
-
-def chunk_rows(num_slots: int, in_channels: int, itemsize: int) -> int:
-  """Outputs per chunk: the largest power of two with the gather under ``CHUNK_BYTES``."""
-  per_row = max(1, num_slots * in_channels * itemsize)
-  rows = 1 << max(0, int(np.floor(np.log2(max(1, CHUNK_BYTES // per_row)))))
-  return int(min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, rows)))
-
-
-def _accum_dtype(dtype):
-  return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
-
-
-def _apply_map(neighbors, x, w_slots, out_dtype):
-  """``y[m] = sum_s x[neighbors[m, s]] @ w_slots[s]``; sentinel ``len(x)`` gathers zeros."""
-  m, s = neighbors.shape
-  cin, cout = w_slots.shape[1:]
-  acc = _accum_dtype(out_dtype)
-  if m == 0 or s == 0 or cin == 0:
-    return jnp.zeros((m, cout), out_dtype)
-  x = jnp.concatenate([x, jnp.zeros((1, cin), x.dtype)])
-  w = w_slots.reshape(s * cin, cout)
-
-  def block(nbr):
-    g = x[nbr].reshape(nbr.shape[0], s * cin)
-    return jnp.dot(g, w, preferred_element_type=acc)
-
-  rows = chunk_rows(s, cin, jnp.dtype(x.dtype).itemsize)
-  if m <= rows:
-    return block(neighbors).astype(out_dtype)
-  nchunks = -(-m // rows)
-  pad = nchunks * rows - m
-  nbr = jnp.pad(neighbors, ((0, pad), (0, 0)), constant_values=x.shape[0] - 1)
-  y = jax.lax.map(block, nbr.reshape(nchunks, rows, s))
-  return y.reshape(nchunks * rows, cout)[:m].astype(out_dtype)
-
 
 def _unpack_params(params, feats, transpose):
   if not isinstance(params, Mapping) or "kernel" not in params:
@@ -133,7 +92,7 @@ def _conv(kernel, bias, feats, importance, km, *, normalize, activation, transpo
     x = feats * importance[:, None].astype(feats.dtype)
   if transpose and normalize:
     x = feats / jnp.maximum(km.input_counts(), 1)[:, None].astype(feats.dtype)
-  y = _apply_map(km.neighbors, x, w, dtype)
+  y = gather_matmul(x, w, km.neighbors, km.inverse, km.out_unique, dtype)
   if not transpose and normalize:
     y = y / jnp.maximum(km.neighbor_counts(), 1)[:, None].astype(y.dtype)
   if transpose and importance is not None:

@@ -97,7 +97,7 @@ def slot_geometry(kernel_size: tuple[int, int, int], offset: tuple[float, float,
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["neighbors", "out_mask", "flags"],
+    data_fields=["neighbors", "inverse", "out_unique", "out_mask", "flags"],
     meta_fields=["kernel_size", "offset", "slot_cells", "num_in", "transpose"])
 @dataclasses.dataclass(frozen=True)
 class KernelMap:
@@ -107,6 +107,12 @@ class KernelMap:
     neighbors: int32 ``(num_out, num_slots)``. ``neighbors[m, s]`` is the index of
       the input point at slot ``s`` of output ``m``, or ``num_in`` (the sentinel)
       when there is none. Padded outputs have sentinel rows.
+    inverse: int32 ``(num_in, num_slots)``, the transposed map: ``inverse[n, s]`` is
+      the output that reads input ``n`` at slot ``s``, or ``num_out``. The backward
+      pass gathers through it instead of scattering.
+    out_unique: bool scalar, True when ``inverse`` is exact (no two outputs read one
+      input through one slot, i.e. output positions are unique); otherwise the
+      backward pass falls back to a scatter-add.
     out_mask: bool ``(num_out,)``, False for padded outputs (their results are 0).
     flags: int32 scalar of error bits (0 when all is well); see :attr:`errors`.
     kernel_size: static ``(Kz, Ky, Kx)``.
@@ -116,6 +122,8 @@ class KernelMap:
     transpose: static; True for a map built for :func:`sparse_conv_transpose`.
   """
   neighbors: jax.Array
+  inverse: jax.Array
+  out_unique: jax.Array
   out_mask: jax.Array
   flags: jax.Array
   kernel_size: tuple[int, int, int]
@@ -189,6 +197,11 @@ def reference_point(pos_a, mask_a, pos_b, mask_b, a_all_valid=False):
   return jnp.where(jnp.any(mask_a), first_a, jnp.where(jnp.any(mask_b), first_b, 0))
 
 
+def _take(a, idx):
+  """``a[idx]`` for in-bounds indices (several times faster on CPU than ``a[idx]``)."""
+  return jnp.take(a, idx, axis=0, mode="clip")
+
+
 def _lex_less(a_words, b_words):
   less = jnp.zeros(jnp.broadcast_shapes(a_words[0].shape, b_words[0].shape), bool)
   for a, b in reversed(list(zip(a_words, b_words))):
@@ -204,7 +217,7 @@ def _lower_bound(sorted_words, query_words, lo, hi):
   def step(state):
     lo, hi = state
     mid = jnp.minimum((lo + hi) // 2, n - 1)
-    less = _lex_less([w[mid] for w in sorted_words], query_words)
+    less = _lex_less([_take(w, mid) for w in sorted_words], query_words)
     active = lo < hi
     return jnp.where(active & less, mid + 1, lo), jnp.where(active & ~less, mid, hi)
 
@@ -259,15 +272,15 @@ def _find(sorted_words, query_words, max_coord):
     low = jnp.uint32(31) & ((jnp.uint32(1) << shift.astype(jnp.uint32)) - 1)
     in_bit = jnp.where(sentinel, 0, jnp.uint32(1) << (lo & low))
     masks = jnp.zeros((1 << bits) + 1, jnp.uint32).at[in_prefix].add(in_bit)  # bits unique
-    m = masks[qp]
+    m = _take(masks, qp)
     r = query_words[1] & low
     below = m & ((jnp.uint32(1) << r) - 1)
-    pos = start[qp] + jax.lax.population_count(below).astype(jnp.int32)
+    pos = _take(start, qp) + jax.lax.population_count(below).astype(jnp.int32)
     return pos, ((m >> r) & 1) == 1
 
   def search(_):
-    pos = _lower_bound(sorted_words, query_words, start[qp], start[qp + 1])
-    return pos, (hi[pos] == query_words[0]) & (lo[pos] == query_words[1])
+    pos = _lower_bound(sorted_words, query_words, _take(start, qp), _take(start, qp + 1))
+    return pos, (_take(hi, pos) == query_words[0]) & (_take(lo, pos) == query_words[1])
 
   return jax.lax.cond(shift <= 5, bitmap, search, None)
 
@@ -280,7 +293,7 @@ def _keys(coords, batch):
 @functools.partial(jax.jit, static_argnames=("ks", "off", "transpose", "in_all_valid"))
 def _search(in_pos, out_pos, voxel_size, in_mask, out_mask, in_batch, out_batch, *, ks, off,
             transpose, in_all_valid):
-  """The search proper (one compiled program): returns ``(neighbors, flags)``."""
+  """The search proper (one compiled program): ``(neighbors, inverse, unique, flags)``."""
   deltas, _ = slot_geometry(ks, off)
   n, m = in_pos.shape[0], out_pos.shape[0]
   vs = jnp.asarray(voxel_size, in_pos.dtype)
@@ -329,11 +342,22 @@ def _search(in_pos, out_pos, voxel_size, in_mask, out_mask, in_batch, out_batch,
   else:  # packed batches: a plain binary search over the whole sorted array
     full = jnp.full(q_keys[0].shape, n + 1, jnp.int32)
     pos = _lower_bound(sorted_keys, q_keys, jnp.zeros_like(full), full)
-    found = functools.reduce(jnp.logical_and, [k[pos] == q for k, q in zip(sorted_keys, q_keys)])
+    found = functools.reduce(jnp.logical_and,
+                            [_take(k, pos) == q for k, q in zip(sorted_keys, q_keys)])
   hit = q_ok & found
-  neighbors = jnp.where(hit, perm[pos], n).astype(jnp.int32)
+  neighbors = jnp.where(hit, _take(perm, pos), n).astype(jnp.int32)
+  inverse, unique = _invert(neighbors, n)
+  return neighbors, inverse, unique, flags.astype(jnp.int32)
 
-  return neighbors, flags.astype(jnp.int32)
+
+def _invert(neighbors, n):
+  """The inverse map ``(n, S)`` and whether it is exact (checked by a round trip)."""
+  m, s = neighbors.shape
+  rows = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32)[:, None], (m, s))
+  slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None, :], (m, s))
+  inverse = jnp.full((n + 1, s), m, jnp.int32).at[neighbors, slots].set(rows)
+  unique = jnp.all((neighbors == n) | (inverse[neighbors, slots] == rows))
+  return inverse[:n], unique
 
 
 def build_kernel_map(in_pos, out_pos, voxel_size, kernel_size, *, offset=None,
@@ -389,10 +413,11 @@ def build_kernel_map(in_pos, out_pos, voxel_size, kernel_size, *, offset=None,
     out_batch = checks.check_batch("out_batch", out_batch, m)
   dtype = jnp.result_type(in_pos.dtype, out_pos.dtype)
   _, cells = slot_geometry(ks, off)
-  neighbors, flags = _search(in_pos.astype(dtype), out_pos.astype(dtype), voxel_size, in_mask,
+  neighbors, inverse, unique, flags = _search(in_pos.astype(dtype), out_pos.astype(dtype), voxel_size, in_mask,
                              out_mask, in_batch, out_batch, ks=ks, off=off,
                              transpose=bool(transpose), in_all_valid=in_valid is None)
-  km = KernelMap(neighbors=neighbors, out_mask=out_mask, flags=flags,
+  km = KernelMap(neighbors=neighbors, inverse=inverse, out_unique=unique, out_mask=out_mask,
+                 flags=flags,
                  kernel_size=ks, offset=off, slot_cells=cells, num_in=n, transpose=bool(transpose))
   if checks.is_concrete(km.flags):
     km.check()
