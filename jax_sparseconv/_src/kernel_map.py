@@ -228,15 +228,15 @@ def _lower_bound(sorted_words, query_words, lo, hi):
 def _bucket_bits(n: int) -> int:
   """Bits ``B`` of the Morton-code prefix indexing the search's tables (static).
 
-  About 8 buckets per point up to 2**17 points, growing faster beyond (a surface of
+  About 16 buckets per point up to 2**17 points, growing faster beyond (a surface of
   N voxels spans ~sqrt(N) voxels per axis, so its code space grows as N**1.5), capped
   at 2**25. The two tables (bucket starts and occupancy masks) take ``8 * 2**B``
-  bytes: 8 MiB at 100k points, 256 MiB from 1M on. The O(1) bitmap lookup covers
-  spans up to ``2**((B + 5) / 3)`` voxels per axis (~320 at 100k points, 1024 from
+  bytes: 16 MiB at 100k points, 256 MiB from 1M on. The O(1) bitmap lookup covers
+  spans up to ``2**((B + 5) / 3)`` voxels per axis (~400 at 100k points, 1024 from
   1M on); larger spans use a binary search within each bucket.
   """
   b = int(n).bit_length()
-  return int(min(25, max(8, b + 3 + max(0, b - 17))))
+  return int(min(25, max(8, b + 4 + max(0, b - 17))))
 
 
 def _prefix(hi, lo, shift):
