@@ -140,8 +140,9 @@ def test_packed_batch_never_crosses_clouds(rng):
   assert got[50:] == [[i + 50 for i in row] for row in map_as_sets(kb)]
 
 
-@pytest.mark.parametrize("extent", [12, 40, 300], ids=lambda e: f"extent{e}")
-def test_both_lookup_paths_match_brute_force(rng, extent):
+@pytest.mark.parametrize("extent,bitmap", [(12, True), (100, False), (300, False)],
+                         ids=["bitmap", "bucket-search", "wide-bucket-search"])
+def test_both_lookup_paths_match_brute_force(rng, extent, bitmap):
   """Small spans use the O(1) bucket bitmap, wide ones a binary search per bucket."""
   from jax_sparseconv._src.kernel_map import _bucket_bits
   n = 400
@@ -152,5 +153,4 @@ def test_both_lookup_paths_match_brute_force(rng, extent):
   expect = reference.brute_force_neighbors(pos, pos[:300], 0.1, (3, 3, 3))
   assert map_as_sets(km) == [sorted(int(i) for i in e) for e in expect]
   code_bits = 3 * int(extent + 2).bit_length()
-  uses_bitmap = code_bits - _bucket_bits(n) <= 5
-  assert uses_bitmap == (extent == 12)
+  assert (code_bits - _bucket_bits(n) <= 5) == bitmap  # the path this case is meant to test
