@@ -27,7 +27,6 @@ import os
 import pathlib
 import platform
 import subprocess
-import sys
 import time
 
 import jax

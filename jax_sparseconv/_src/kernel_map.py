@@ -295,7 +295,7 @@ def _search(in_pos, out_pos, voxel_size, in_mask, out_mask, in_batch, out_batch,
             transpose, in_all_valid):
   """The search proper (one compiled program): ``(neighbors, inverse, unique, flags)``."""
   deltas, _ = slot_geometry(ks, off)
-  n, m = in_pos.shape[0], out_pos.shape[0]
+  n = in_pos.shape[0]
   vs = jnp.asarray(voxel_size, in_pos.dtype)
 
   margin = int(np.abs(deltas).max()) if deltas.size else 0
