@@ -59,3 +59,14 @@ def small_chunks(monkeypatch, rows):
   jax.clear_caches()  # compiled programs baked in the old chunk size
   yield
   jax.clear_caches()
+
+
+@pytest.fixture(scope="module", params=["jnp", "kernels"])
+def kernel_backend(request):
+  """Runs a module's tests twice: through the jnp implementation, and through the
+  compiled kernels of ``ffi/kernels.cu`` (CUDA on a GPU; on the CPU the same source
+  compiled for the host through the shim). Module scope: one cache clear per switch."""
+  from jax_sparseconv._src import kernels
+  previous = kernels.set_kernel_backend("jnp" if request.param == "jnp" else "host")
+  yield request.param
+  kernels.set_kernel_backend(previous)

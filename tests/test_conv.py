@@ -14,6 +14,9 @@ from jax_sparseconv import reference
 
 from conftest import lattice_cloud, rel_err, small_chunks
 
+# The whole module runs through the jnp path and through the compiled kernels.
+pytestmark = pytest.mark.usefixtures("kernel_backend")
+
 
 def random_case(rng, kernel_size, cin=3, cout=4, n_in=120, n_out=80, extent=7):
   ks = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)

@@ -12,6 +12,9 @@ from jax_sparseconv.linen import SparseConv, SparseConvTranspose
 
 from conftest import GOLDEN_DIR, rel_err
 
+# The whole module runs through the jnp path and through the compiled kernels.
+pytestmark = pytest.mark.usefixtures("kernel_backend")
+
 CASES = sorted(GOLDEN_DIR.glob("*.npz"))
 TOL = 1e-4
 

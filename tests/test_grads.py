@@ -13,6 +13,9 @@ from jax_sparseconv import reference
 
 from conftest import lattice_cloud, rel_err, x64
 
+# The whole module runs through the jnp path and through the compiled kernels.
+pytestmark = pytest.mark.usefixtures("kernel_backend")
+
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["conv", "transpose"])
 @pytest.mark.parametrize("kernel_size", [2, (3, 1, 3)], ids=str)

@@ -13,6 +13,9 @@ from jax_sparseconv.linen import SparseConv, SparseConvTranspose
 
 from conftest import lattice_cloud
 
+# The whole module runs through the jnp path and through the compiled kernels.
+pytestmark = pytest.mark.usefixtures("kernel_backend")
+
 
 @pytest.mark.parametrize("layer_cls,fn", [(SparseConv, sc.sparse_conv),
                                           (SparseConvTranspose, sc.sparse_conv_transpose)])

@@ -11,7 +11,12 @@ transposed: a gather again. A primitive with JVP and transpose rules keeps forwa
 mode and every higher derivative (the transpose of the transpose is the original).
 The inverse exists when no two outputs read the same input through the same slot,
 i.e. when output positions are unique (``unique``); otherwise the transpose falls
-back to the scatter-add that autodiff of the jnp implementation gives.
+back to the scatter-add that autodiff of the jnp implementation gives. The kernel
+gradient is a second primitive, ``sparse_kernel_grad``, bilinear too, whose
+transposes are gather-matmuls again.
+
+Each primitive lowers through :func:`kernels.dispatch`: the jnp implementation, or on
+the platforms that have them the compiled kernels of ``ffi/kernels.cu`` (XLA FFI).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
+
+from . import kernels
 
 #: Memory budget of one gathered chunk, in bytes (rows * slots * Cin * itemsize).
 CHUNK_BYTES = 16 * 2**20
@@ -126,10 +133,19 @@ def _abstract_eval(x, w, nbr, inv, unique, *, out_dtype):
   return jax.core.ShapedArray((m, cout), out_dtype)
 
 
+def _lowered(x, w, nbr, inv, unique, *, out_dtype):
+  def by_kernel(x, w, nbr, inv, unique):
+    del inv, unique
+    return kernels.gather_matmul(x, w, nbr, out_dtype)
+
+  return kernels.dispatch(functools.partial(_impl, out_dtype=out_dtype), by_kernel,
+                          x, w, nbr, inv, unique)
+
+
 gather_matmul_p = Primitive("sparse_gather_matmul")
-gather_matmul_p.def_impl(functools.partial(jax.jit, static_argnames="out_dtype")(_impl))
+gather_matmul_p.def_impl(functools.partial(jax.jit, static_argnames="out_dtype")(_lowered))
 gather_matmul_p.def_abstract_eval(_abstract_eval)
-mlir.register_lowering(gather_matmul_p, mlir.lower_fun(_impl, multiple_results=False))
+mlir.register_lowering(gather_matmul_p, mlir.lower_fun(_lowered, multiple_results=False))
 
 
 def _jvp_x(dx, x, w, nbr, inv, unique, *, out_dtype):
@@ -161,7 +177,7 @@ def _transpose(ct, x, w, nbr, inv, unique, *, out_dtype):
           ct)[0].astype(x_dtype)
 
     return jax.lax.cond(unique, by_gather, by_scatter, ct), None, None, None, None
-  return None, _kernel_grad(x, ct, nbr, w.aval.dtype), None, None, None
+  return None, kernel_grad(x, ct, nbr, inv, unique, w.aval.dtype), None, None, None
 
 
 ad.primitive_transposes[gather_matmul_p] = _transpose
@@ -188,3 +204,82 @@ def _batch(args, dims, *, out_dtype):
 
 
 batching.primitive_batchers[gather_matmul_p] = _batch
+
+
+# ----------------------------------------------------------------- the kernel gradient
+
+
+def kernel_grad(x, ct, nbr, inv, unique, w_dtype):
+  """``dw[s] = sum_m x[nbr[m, s]]^T ct[m]``: ``(S, Cin, Cout)`` in ``w_dtype``."""
+  return kernel_grad_p.bind(x, ct, nbr, inv, unique, w_dtype=jnp.dtype(w_dtype))
+
+
+def _kernel_grad_lowered(x, ct, nbr, inv, unique, *, w_dtype):
+  def by_jnp(x, ct, nbr, inv, unique):
+    return _kernel_grad(x, ct, nbr, w_dtype)
+
+  def by_kernel(x, ct, nbr, inv, unique):
+    return kernels.kernel_grad(x, ct, nbr, w_dtype)
+
+  return kernels.dispatch(by_jnp, by_kernel, x, ct, nbr, inv, unique)
+
+
+def _kernel_grad_abstract_eval(x, ct, nbr, inv, unique, *, w_dtype):
+  (n, cin), (m, cout), (m_nbr, s) = x.shape, ct.shape, nbr.shape
+  if m != m_nbr or inv.shape != (n, s):
+    raise ValueError(f"kernel_grad: inconsistent shapes x {x.shape}, ct {ct.shape}, "
+                     f"nbr {nbr.shape}, inv {inv.shape}")
+  return jax.core.ShapedArray((s, cin, cout), w_dtype)
+
+
+kernel_grad_p = Primitive("sparse_kernel_grad")
+kernel_grad_p.def_impl(functools.partial(jax.jit, static_argnames="w_dtype")(_kernel_grad_lowered))
+kernel_grad_p.def_abstract_eval(_kernel_grad_abstract_eval)
+mlir.register_lowering(kernel_grad_p, mlir.lower_fun(_kernel_grad_lowered, multiple_results=False))
+
+
+def _kg_jvp_x(dx, x, ct, nbr, inv, unique, *, w_dtype):
+  return kernel_grad(dx, ct, nbr, inv, unique, w_dtype)
+
+
+def _kg_jvp_ct(dct, x, ct, nbr, inv, unique, *, w_dtype):
+  return kernel_grad(x, dct, nbr, inv, unique, w_dtype)
+
+
+ad.defjvp(kernel_grad_p, _kg_jvp_x, _kg_jvp_ct, None, None, None)
+
+
+def _kg_transpose(g, x, ct, nbr, inv, unique, *, w_dtype):
+  """Bilinear in (x, ct): each transpose is a gather-matmul with the cotangent ``g``
+  of ``dw`` as the kernel."""
+  if type(g) is ad.Zero:
+    return (None if not ad.is_undefined_primal(x) else ad.Zero(x.aval),
+            None if not ad.is_undefined_primal(ct) else ad.Zero(ct.aval), None, None, None)
+  if ad.is_undefined_primal(ct):  # ct_bar[m] = sum_s x[nbr[m, s]] @ g[s]
+    return None, gather_matmul(x, g, nbr, inv, unique, ct.aval.dtype), None, None, None
+  x_dtype = x.aval.dtype  # x_bar[n] = sum_s ct[inv[n, s]] @ g[s]^T, or a scatter-add
+  gt = jnp.swapaxes(g, 1, 2)
+
+  def by_gather(g):
+    return gather_matmul(ct, gt, inv, nbr, unique, x_dtype)
+
+  def by_scatter(g):
+    zeros = jnp.zeros(x.aval.shape, x_dtype)
+    return jax.vjp(lambda x_: _kernel_grad(x_, ct, nbr, w_dtype), zeros)[1](
+        g.astype(w_dtype))[0].astype(x_dtype)
+
+  return jax.lax.cond(unique, by_gather, by_scatter, g), None, None, None, None
+
+
+ad.primitive_transposes[kernel_grad_p] = _kg_transpose
+
+
+def _kg_batch(args, dims, *, w_dtype):
+  """vmap (per-example kernel gradients): one primitive call per example, in turn."""
+  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+  args = [batching.bdim_at_front(a, d, size) if d is not None else
+          jnp.broadcast_to(a, (size, *a.shape)) for a, d in zip(args, dims)]
+  return jax.lax.map(lambda a: kernel_grad(*a, w_dtype), tuple(args)), 0
+
+
+batching.primitive_batchers[kernel_grad_p] = _kg_batch

@@ -1,0 +1,460 @@
+// Sparse-conv kernels and their XLA FFI handlers.
+//
+// One source, two builds: nvcc makes the CUDA library, and g++ makes a CPU library of
+// the same file through cuda_host_shim.h (see host_kernels.cc), so CI runs every
+// kernel's indexing through the whole test suite without a GPU.
+//
+// Ops (kernel map `nbr` (M, S) int32, entry outside [0, N) = no neighbour):
+//   jsc_gather_matmul:  y[m] = sum_s x[nbr[m, s]] @ w[s]          x (N, Cin), w (S, Cin, Cout)
+//   jsc_kernel_grad:    dw[s] = sum_m x[nbr[m, s]]^T ct[m]        ct (M, Cout)
+// The conv's feature gradient is jsc_gather_matmul over the inverse map with w
+// transposed (a gather, no atomics). Every output element is summed by one thread in a
+// fixed order (slots, then channels; the kernel gradient over fixed row partitions,
+// then the partials in partition order), so results are bitwise reproducible.
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+using jsc_stream_t = cudaStream_t;
+#define JSC_LAUNCH(kernel, grid, block, stream, ...) \
+  kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#define JSC_CHECK_LAUNCH() ::jsc::launch_error()
+#else
+#include "cuda_host_shim.h"
+#endif
+
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+#include <type_traits>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jsc {
+namespace ffi = xla::ffi;
+
+#ifdef __CUDACC__
+inline const char* launch_error() {
+  cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+#endif
+
+// ---------------------------------------------------------------- per-thread helpers
+template <class T>
+struct Acc {
+  using type = float;  // half types and float accumulate in float32
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+__host__ __device__ inline float load_acc(float v) { return v; }
+__host__ __device__ inline double load_acc(double v) { return v; }
+__host__ __device__ inline float load_acc(__half v) { return __half2float(v); }
+__host__ __device__ inline float load_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+__host__ __device__ inline void store(float* p, float v) { *p = v; }
+__host__ __device__ inline void store(double* p, double v) { *p = v; }
+__host__ __device__ inline void store(__half* p, float v) { *p = __float2half(v); }
+__host__ __device__ inline void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
+
+// Tile sizes: a block owns BM output rows x BN output channels (SIMT: 256 threads,
+// 4x4 each, strided by 16 so shared-memory reads are conflict free).
+constexpr int kThreads = 256;
+constexpr int BM = 64;
+constexpr int BN = 64;
+constexpr int BK = 16;        // reduction step of the SIMT kernels
+constexpr int HBK = 32;       // reduction step of the tensor-core kernel
+constexpr int LDA = BM + 1;   // k-major A tile, padded against bank conflicts
+constexpr int LDH = HBK + 8;  // row-major half A tile (WMMA: multiple of 8)
+constexpr int LDB_H = BN + 8; // row-major half B tile
+constexpr int LDC = BN + 4;   // float staging of the accumulators
+
+// Neighbour index, or -1 for none (anything outside [0, n) counts as none).
+__host__ __device__ inline int32_t neighbour(const int32_t* nbr, int64_t row, int64_t rows, int s,
+                                            int num_slots, int64_t n) {
+  if (row >= rows) return -1;
+  const int32_t j = nbr[row * num_slots + s];
+  return (j >= 0 && j < n) ? j : -1;
+}
+
+// acc[i][j] += sum_k a[k][tr + 16 i] * b[k][tc + 16 j] over one BK step.
+template <class A>
+__host__ __device__ inline void fma_tile(const A* a, const A* b, int tr, int tc, A (&acc)[4][4]) {
+  for (int k = 0; k < BK; ++k) {
+    A av[4], bv[4];
+    for (int i = 0; i < 4; ++i) av[i] = a[k * LDA + tr + 16 * i];
+    for (int j = 0; j < 4; ++j) bv[j] = b[k * BN + tc + 16 * j];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
+  }
+}
+
+// Block-strided copy of rows [r0, r0 + BK) x cols [c0, c0 + BN) of a row-major
+// (rows, cols) matrix into b[k][c], zero outside (or where `keep[k]` is false).
+template <class T, class A>
+__host__ __device__ inline void load_b_tile(A* b, const T* src, int64_t r0, int64_t rows,
+                                            int c0, int cols, const int32_t* keep, int tid) {
+  for (int e = tid; e < BK * BN; e += kThreads) {
+    const int k = e / BN, c = e % BN;
+    const bool ok = r0 + k < rows && c0 + c < cols && (keep == nullptr || keep[k] >= 0);
+    b[k * BN + c] = ok ? load_acc(src[(r0 + k) * cols + c0 + c]) : A(0);
+  }
+}
+
+// ---------------------------------------------------------------- gather-matmul, SIMT
+// float32 and float64. grid (ceil(M / BM), ceil(Cout / BN)).
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    gather_matmul_simt(const T* x, const T* w, const int32_t* nbr, T* y, int64_t n, int64_t m,
+                       int num_slots, int cin, int cout) {
+  using A = typename Acc<T>::type;
+  __shared__ int32_t rows[BM];
+  __shared__ A xs[BK * LDA];
+  __shared__ A ws[BK * BN];
+  const int tid = threadIdx.x, tr = tid / 16, tc = tid % 16;
+  const int64_t m0 = int64_t(blockIdx.x) * BM;
+  const int n0 = blockIdx.y * BN;
+  A acc[4][4];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
+  for (int s = 0; s < num_slots; ++s) {
+    int present = 0;
+    if (tid < BM) {
+      rows[tid] = neighbour(nbr, m0 + tid, m, s, num_slots, n);
+      present = rows[tid] >= 0;
+    }
+    if (!__syncthreads_or(present)) continue;  // no neighbour at this slot: skip the tile
+    for (int k0 = 0; k0 < cin; k0 += BK) {
+      for (int e = tid; e < BM * BK; e += kThreads) {  // the gather: reused by all BN columns
+        const int r = e / BK, k = e % BK;
+        const int32_t j = rows[r];
+        xs[k * LDA + r] = (j >= 0 && k0 + k < cin) ? load_acc(x[int64_t(j) * cin + k0 + k]) : A(0);
+      }
+      load_b_tile(ws, w + int64_t(s) * cin * cout, k0, cin, n0, cout, nullptr, tid);
+      __syncthreads();
+      fma_tile(xs, ws, tr, tc, acc);
+      __syncthreads();
+    }
+  }
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const int64_t r = m0 + tr + 16 * i;
+      const int c = n0 + tc + 16 * j;
+      if (r < m && c < cout) store(&y[r * cout + c], acc[i][j]);
+    }
+}
+
+// ---------------------------------------------------------------- gather-matmul, tensor cores
+// float16 / bfloat16 inputs, float32 accumulation (WMMA 16x16x16). 8 warps: warp w owns
+// rows 16 (w / 2) and columns 32 (w % 2) + [0, 32) of the block's 64 x 64 tile.
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    gather_matmul_mma(const T* x, const T* w, const int32_t* nbr, T* y, int64_t n, int64_t m,
+                      int num_slots, int cin, int cout) {
+  namespace wmma = nvcuda::wmma;
+  __shared__ int32_t rows[BM];
+  __shared__ __align__(32) T xs[BM * LDH];
+  __shared__ __align__(32) T ws[HBK * LDB_H];
+  __shared__ __align__(32) float cs[BM * LDC];
+  const int tid = threadIdx.x, warp = tid / 32, wr = warp / 2, wc = warp % 2;
+  const int64_t m0 = int64_t(blockIdx.x) * BM;
+  const int n0 = blockIdx.y * BN;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+  for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[j], 0.0f);
+  for (int s = 0; s < num_slots; ++s) {
+    int present = 0;
+    if (tid < BM) {
+      rows[tid] = neighbour(nbr, m0 + tid, m, s, num_slots, n);
+      present = rows[tid] >= 0;
+    }
+    if (!__syncthreads_or(present)) continue;
+    const T* ws_src = w + int64_t(s) * cin * cout;
+    for (int k0 = 0; k0 < cin; k0 += HBK) {
+      for (int e = tid; e < BM * HBK; e += kThreads) {
+        const int r = e / HBK, k = e % HBK;
+        const int32_t j = rows[r];
+        if (j >= 0 && k0 + k < cin) {
+          xs[r * LDH + k] = x[int64_t(j) * cin + k0 + k];
+        } else {
+          store(&xs[r * LDH + k], 0.0f);
+        }
+      }
+      for (int e = tid; e < HBK * BN; e += kThreads) {
+        const int k = e / BN, c = e % BN;
+        if (k0 + k < cin && n0 + c < cout) {
+          ws[k * LDB_H + c] = ws_src[int64_t(k0 + k) * cout + n0 + c];
+        } else {
+          store(&ws[k * LDB_H + c], 0.0f);
+        }
+      }
+      __syncthreads();
+      for (int k = 0; k < HBK; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+        wmma::load_matrix_sync(a, xs + wr * 16 * LDH + k, LDH);
+        for (int j = 0; j < 2; ++j) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+          wmma::load_matrix_sync(b, ws + k * LDB_H + wc * 32 + j * 16, LDB_H);
+          wmma::mma_sync(acc[j], a, b, acc[j]);
+        }
+      }
+      __syncthreads();
+    }
+  }
+  for (int j = 0; j < 2; ++j)
+    wmma::store_matrix_sync(cs + wr * 16 * LDC + wc * 32 + j * 16, acc[j], LDC,
+                            wmma::mem_row_major);
+  __syncthreads();
+  for (int e = tid; e < BM * BN; e += kThreads) {
+    const int r = e / BN, c = e % BN;
+    if (m0 + r < m && n0 + c < cout) store(&y[(m0 + r) * cout + n0 + c], cs[r * LDC + c]);
+  }
+}
+
+// ---------------------------------------------------------------- kernel gradient
+// Partial sums over fixed row partitions: grid (ceil(Cin / BM), ceil(Cout / BN), S * P),
+// part[p, s] = sum over rows of partition p of x[nbr[m, s]]^T ct[m].
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    kernel_grad_partial(const T* x, const T* ct, const int32_t* nbr, typename Acc<T>::type* part,
+                        int64_t n, int64_t m, int num_slots, int cin, int cout, int parts) {
+  using A = typename Acc<T>::type;
+  __shared__ int32_t rows[BK];
+  __shared__ A xs[BK * LDA];
+  __shared__ A cs[BK * BN];
+  const int tid = threadIdx.x, tr = tid / 16, tc = tid % 16;
+  const int i0 = blockIdx.x * BM, c0 = blockIdx.y * BN;
+  const int s = blockIdx.z % num_slots, p = blockIdx.z / num_slots;
+  const int64_t per = (m + parts - 1) / parts;
+  const int64_t mb = p * per, me = mb + per < m ? mb + per : m;
+  A acc[4][4];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
+  for (int64_t r0 = mb; r0 < me; r0 += BK) {
+    int present = 0;
+    if (tid < BK) {
+      rows[tid] = neighbour(nbr, r0 + tid, me, s, num_slots, n);
+      present = rows[tid] >= 0;
+    }
+    if (!__syncthreads_or(present)) continue;
+    for (int e = tid; e < BK * BM; e += kThreads) {  // xs[k][i] = x[nbr[r0 + k, s], i0 + i]
+      const int k = e / BM, i = e % BM;
+      const int32_t j = rows[k];
+      xs[k * LDA + i] = (j >= 0 && i0 + i < cin) ? load_acc(x[int64_t(j) * cin + i0 + i]) : A(0);
+    }
+    load_b_tile(cs, ct, r0, me, c0, cout, rows, tid);
+    __syncthreads();
+    fma_tile(xs, cs, tr, tc, acc);
+    __syncthreads();
+  }
+  A* out = part + (int64_t(p) * num_slots + s) * cin * cout;
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const int ci = i0 + tr + 16 * i, co = c0 + tc + 16 * j;
+      if (ci < cin && co < cout) out[int64_t(ci) * cout + co] = acc[i][j];
+    }
+}
+
+// dw[e] = sum_p part[p, e], in partition order.
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    sum_partials(const typename Acc<T>::type* part, T* dw, int64_t size, int parts) {
+  const int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (e >= size) return;
+  typename Acc<T>::type sum = 0;
+  for (int p = 0; p < parts; ++p) sum += part[p * size + e];
+  store(&dw[e], sum);
+}
+
+// ---------------------------------------------------------------- FFI handlers
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline ffi::Error invalid(const std::string& what) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jax_sparseconv kernels: " + what);
+}
+
+inline ffi::Error launched() {
+  if (const char* err = JSC_CHECK_LAUNCH()) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("jax_sparseconv kernels: ") + err);
+  }
+  return ffi::Error::Success();
+}
+
+template <class B>
+bool is_shape(const B& b, std::initializer_list<int64_t> dims) {
+  auto d = b.dimensions();
+  if (d.size() != dims.size()) return false;
+  size_t i = 0;
+  for (int64_t v : dims) {
+    if (d[i++] != v) return false;
+  }
+  return true;
+}
+
+template <class T>
+void gather_matmul_launch(jsc_stream_t stream, bool mma, const void* x, const void* w,
+                          const int32_t* nbr, void* y, int64_t n, int64_t m, int s, int cin,
+                          int cout) {
+  const dim3 grid(unsigned(ceil_div(m, BM)), unsigned(ceil_div(cout, BN)));
+  if (mma) {
+    if constexpr (!std::is_same<T, float>::value && !std::is_same<T, double>::value) {
+      JSC_LAUNCH(gather_matmul_mma<T>, grid, dim3(kThreads), stream, static_cast<const T*>(x),
+                 static_cast<const T*>(w), nbr, static_cast<T*>(y), n, m, s, cin, cout);
+    }
+  } else {
+    if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value) {
+      JSC_LAUNCH(gather_matmul_simt<T>, grid, dim3(kThreads), stream, static_cast<const T*>(x),
+                 static_cast<const T*>(w), nbr, static_cast<T*>(y), n, m, s, cin, cout);
+    }
+  }
+}
+
+ffi::Error GatherMatmul(jsc_stream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                        ffi::Buffer<ffi::S32> nbr, ffi::Result<ffi::AnyBuffer> y) {
+  if (x.dimensions().size() != 2 || w.dimensions().size() != 3 || nbr.dimensions().size() != 2) {
+    return invalid("gather_matmul expects x (N, Cin), w (S, Cin, Cout), nbr (M, S)");
+  }
+  const int64_t n = x.dimensions()[0], cin = x.dimensions()[1];
+  const int64_t s = w.dimensions()[0], cout = w.dimensions()[2];
+  const int64_t m = nbr.dimensions()[0];
+  if (!is_shape(w, {s, cin, cout}) || !is_shape(nbr, {m, s}) ||
+      !is_shape(*y, {m, cout})) {
+    return invalid("gather_matmul: inconsistent shapes");
+  }
+  const ffi::DataType t = x.element_type();
+  if (w.element_type() != t || y->element_type() != t) {
+    return invalid("gather_matmul: x, w and y must share one dtype");
+  }
+  if (n >= INT32_MAX || m >= (int64_t(1) << 40)) return invalid("gather_matmul: too many rows");
+  if (m == 0 || cout == 0) return ffi::Error::Success();
+  const int32_t* idx = nbr.typed_data();
+  void* out = y->untyped_data();
+  switch (t) {
+    case ffi::DataType::F32:
+      gather_matmul_launch<float>(stream, false, x.untyped_data(), w.untyped_data(), idx, out, n,
+                                  m, int(s), int(cin), int(cout));
+      break;
+    case ffi::DataType::F64:
+      gather_matmul_launch<double>(stream, false, x.untyped_data(), w.untyped_data(), idx, out, n,
+                                   m, int(s), int(cin), int(cout));
+      break;
+    case ffi::DataType::F16:
+      gather_matmul_launch<__half>(stream, true, x.untyped_data(), w.untyped_data(), idx, out, n,
+                                   m, int(s), int(cin), int(cout));
+      break;
+    case ffi::DataType::BF16:
+      gather_matmul_launch<__nv_bfloat16>(stream, true, x.untyped_data(), w.untyped_data(), idx,
+                                          out, n, m, int(s), int(cin), int(cout));
+      break;
+    default:
+      return invalid("gather_matmul: dtype must be float16, bfloat16, float32 or float64");
+  }
+  return launched();
+}
+
+template <class T>
+void kernel_grad_launch(jsc_stream_t stream, const void* x, const void* ct, const int32_t* nbr,
+                        void* dw, void* part, int64_t n, int64_t m, int s, int cin, int cout,
+                        int parts) {
+  using A = typename Acc<T>::type;
+  const dim3 grid(unsigned(ceil_div(cin, BM)), unsigned(ceil_div(cout, BN)), unsigned(s * parts));
+  JSC_LAUNCH(kernel_grad_partial<T>, grid, dim3(kThreads), stream, static_cast<const T*>(x),
+             static_cast<const T*>(ct), nbr, static_cast<A*>(part), n, m, s, cin, cout, parts);
+  const int64_t size = int64_t(s) * cin * cout;
+  JSC_LAUNCH(sum_partials<T>, dim3(unsigned(ceil_div(size, kThreads))), dim3(kThreads), stream,
+             static_cast<const A*>(part), static_cast<T*>(dw), size, parts);
+}
+
+ffi::Error KernelGrad(jsc_stream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer ct,
+                      ffi::Buffer<ffi::S32> nbr, ffi::Result<ffi::AnyBuffer> dw,
+                      ffi::Result<ffi::AnyBuffer> part) {
+  if (x.dimensions().size() != 2 || ct.dimensions().size() != 2 ||
+      nbr.dimensions().size() != 2 || part->dimensions().size() != 4) {
+    return invalid("kernel_grad expects x (N, Cin), ct (M, Cout), nbr (M, S), part (P, S, Cin, Cout)");
+  }
+  const int64_t n = x.dimensions()[0], cin = x.dimensions()[1];
+  const int64_t m = ct.dimensions()[0], cout = ct.dimensions()[1];
+  const int64_t s = nbr.dimensions()[1], parts = part->dimensions()[0];
+  if (nbr.dimensions()[0] != m || !is_shape(*dw, {s, cin, cout}) ||
+      !is_shape(*part, {parts, s, cin, cout}) || parts < 1 || s * parts > 65535) {
+    return invalid("kernel_grad: inconsistent shapes");
+  }
+  const ffi::DataType t = x.element_type();
+  const ffi::DataType acc = t == ffi::DataType::F64 ? ffi::DataType::F64 : ffi::DataType::F32;
+  if (ct.element_type() != t || dw->element_type() != t || part->element_type() != acc) {
+    return invalid("kernel_grad: x, ct and dw must share one dtype; part is its accumulator");
+  }
+  if (n >= INT32_MAX) return invalid("kernel_grad: too many rows");
+  if (s == 0 || cin == 0 || cout == 0) return ffi::Error::Success();
+  const int32_t* idx = nbr.typed_data();
+  switch (t) {
+    case ffi::DataType::F32:
+      kernel_grad_launch<float>(stream, x.untyped_data(), ct.untyped_data(), idx,
+                                dw->untyped_data(), part->untyped_data(), n, m, int(s), int(cin),
+                                int(cout), int(parts));
+      break;
+    case ffi::DataType::F64:
+      kernel_grad_launch<double>(stream, x.untyped_data(), ct.untyped_data(), idx,
+                                 dw->untyped_data(), part->untyped_data(), n, m, int(s), int(cin),
+                                 int(cout), int(parts));
+      break;
+    case ffi::DataType::F16:
+      kernel_grad_launch<__half>(stream, x.untyped_data(), ct.untyped_data(), idx,
+                                 dw->untyped_data(), part->untyped_data(), n, m, int(s), int(cin),
+                                 int(cout), int(parts));
+      break;
+    case ffi::DataType::BF16:
+      kernel_grad_launch<__nv_bfloat16>(stream, x.untyped_data(), ct.untyped_data(), idx,
+                                        dw->untyped_data(), part->untyped_data(), n, m, int(s),
+                                        int(cin), int(cout), int(parts));
+      break;
+    default:
+      return invalid("kernel_grad: dtype must be float16, bfloat16, float32 or float64");
+  }
+  return launched();
+}
+
+}  // namespace jsc
+
+// The CUDA build takes the stream from XLA; the host build has none.
+#ifdef __CUDACC__
+#define JSC_BIND() ::xla::ffi::Ffi::Bind().Ctx<::xla::ffi::PlatformStream<cudaStream_t>>()
+#define JSC_STREAM_PARAM cudaStream_t stream,
+#else
+#define JSC_BIND() ::xla::ffi::Ffi::Bind()
+#define JSC_STREAM_PARAM
+static constexpr jsc_stream_t stream = 0;
+#endif
+
+static xla::ffi::Error JscGatherMatmulImpl(JSC_STREAM_PARAM xla::ffi::AnyBuffer x,
+                                           xla::ffi::AnyBuffer w,
+                                           xla::ffi::Buffer<xla::ffi::S32> nbr,
+                                           xla::ffi::Result<xla::ffi::AnyBuffer> y) {
+  return jsc::GatherMatmul(stream, x, w, nbr, y);
+}
+
+static xla::ffi::Error JscKernelGradImpl(JSC_STREAM_PARAM xla::ffi::AnyBuffer x,
+                                         xla::ffi::AnyBuffer ct,
+                                         xla::ffi::Buffer<xla::ffi::S32> nbr,
+                                         xla::ffi::Result<xla::ffi::AnyBuffer> dw,
+                                         xla::ffi::Result<xla::ffi::AnyBuffer> part) {
+  return jsc::KernelGrad(stream, x, ct, nbr, dw, part);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JscGatherMatmul, JscGatherMatmulImpl,
+                              JSC_BIND()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Ret<xla::ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JscKernelGrad, JscKernelGradImpl,
+                              JSC_BIND()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>());

@@ -1,0 +1,220 @@
+"""The compiled kernels (ffi/kernels.cu) op by op, against NumPy loops.
+
+On a CPU-only machine they run as the host build of the CUDA source (the shim); on a
+GPU, as the CUDA build. Sizes straddle the 64 x 64 tiles, maps have absent entries,
+out-of-range entries and slots with no neighbour in a whole tile (the skipped tiles).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_sparseconv as sc
+from jax_sparseconv._src import gather_matmul as gm
+from jax_sparseconv._src import kernels
+
+from conftest import lattice_cloud, rel_err, x64
+
+TOLS = {"float64": 1e-12, "float32": 2e-6, "bfloat16": 1.5e-2, "float16": 2e-3}
+
+
+@pytest.fixture
+def on_kernels():
+  previous = kernels.set_kernel_backend("host")
+  yield
+  kernels.set_kernel_backend(previous)
+
+
+def random_map(rng, n, m, s, absent=0.5):
+  nbr = rng.integers(0, max(n, 1), size=(m, s))  # n == 0: every entry absent
+  nbr[rng.random((m, s)) < absent] = n  # the sentinel
+  nbr[rng.random((m, s)) < 0.05] = -3   # out of range: also "no neighbour"
+  nbr[rng.random((m, s)) < 0.05] = n + 7
+  if m > 70 and s > 2:
+    nbr[:70, 1] = n  # slot 1 empty for the first 64-row tile: skipped
+  return nbr.astype(np.int32)
+
+
+def loop_gather_matmul(x, w, nbr):
+  n = x.shape[0]
+  y = np.zeros((nbr.shape[0], w.shape[2]))
+  for m in range(nbr.shape[0]):
+    for s in range(nbr.shape[1]):
+      j = nbr[m, s]
+      if 0 <= j < n:
+        y[m] += x[j] @ w[s]
+  return y
+
+
+def loop_kernel_grad(x, ct, nbr):
+  n = x.shape[0]
+  dw = np.zeros((nbr.shape[1], x.shape[1], ct.shape[1]))
+  for m in range(nbr.shape[0]):
+    for s in range(nbr.shape[1]):
+      j = nbr[m, s]
+      if 0 <= j < n:
+        dw[s] += np.outer(x[j], ct[m])
+  return dw
+
+
+def _inputs(rng, dtype, n, m, s, cin, cout):
+  x = rng.standard_normal((n, cin)).astype(np.float32)
+  w = rng.standard_normal((s, cin, cout)).astype(np.float32)
+  if dtype in ("bfloat16", "float16"):  # what the kernel sees after rounding
+    x = np.asarray(jnp.asarray(x, dtype), np.float32)
+    w = np.asarray(jnp.asarray(w, dtype), np.float32)
+  return x, w
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "float16"])
+@pytest.mark.parametrize("shape", [(150, 131, 5, 70, 90), (70, 65, 3, 33, 17), (40, 20, 27, 3, 4),
+                                   (9, 64, 1, 1, 64), (30, 0, 8, 4, 5), (0, 12, 8, 4, 5)],
+                         ids=["tiles", "k_edge", "small", "one_slot", "no_outputs", "no_inputs"])
+def test_gather_matmul_matches_loop(rng, on_kernels, dtype, shape):
+  n, m, s, cin, cout = shape
+  x, w = _inputs(rng, dtype, n, m, s, cin, cout)
+  nbr = random_map(rng, n, m, s)
+  with x64():
+    out = kernels.gather_matmul(jnp.asarray(x, dtype), jnp.asarray(w, dtype), jnp.asarray(nbr),
+                                jnp.dtype(dtype))
+    assert out.dtype == jnp.dtype(dtype) and out.shape == (m, cout)
+    expect = loop_gather_matmul(x.astype(np.float64), w.astype(np.float64), nbr)
+    assert rel_err(np.asarray(out, np.float64), expect) < TOLS[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("parts", [1, 3])
+def test_kernel_grad_matches_loop(rng, on_kernels, monkeypatch, dtype, parts):
+  n, m, s, cin, cout = 90, 150, 4, 70, 66
+  x = _inputs(rng, dtype, n, m, 1, cin, cout)[0]
+  nbr = random_map(rng, n, m, s)
+  monkeypatch.setattr(kernels, "num_partitions", lambda *a: parts)
+  with x64():
+    ct = np.asarray(jnp.asarray(rng.standard_normal((m, cout)), dtype), np.float64)
+    dw = kernels.kernel_grad(jnp.asarray(x, dtype), jnp.asarray(ct, dtype), jnp.asarray(nbr),
+                             jnp.dtype(dtype))
+    expect = loop_kernel_grad(x.astype(np.float64), ct, nbr)
+    assert dw.shape == (s, cin, cout)
+    assert rel_err(np.asarray(dw, np.float64), expect) < TOLS[dtype] * (4 if parts > 1 else 1)
+
+
+def test_partitions_depend_on_shapes_only():
+  assert kernels.num_partitions(10, 27, 64, 64) == 1
+  big = kernels.num_partitions(1_000_000, 27, 64, 64)
+  assert big == kernels.num_partitions(1_000_000, 27, 64, 64) > 1
+  assert big * 27 * 64 * 64 <= kernels.PARTIAL_ELEMS
+  assert kernels.num_partitions(10**7, 125, 256, 256) >= 1
+
+
+def test_results_are_bitwise_reproducible(rng, on_kernels):
+  n, m, s, cin, cout = 200, 180, 27, 32, 48
+  x, w = _inputs(rng, "float32", n, m, s, cin, cout)
+  nbr = jnp.asarray(random_map(rng, n, m, s))
+  ct = jnp.asarray(rng.standard_normal((m, cout)), jnp.float32)
+  f = jax.jit(lambda x, w: (kernels.gather_matmul(x, w, nbr, jnp.float32),
+                            kernels.kernel_grad(x, ct, nbr, jnp.float32)))
+  first = f(jnp.asarray(x), jnp.asarray(w))
+  for _ in range(2):
+    again = f(jnp.asarray(x), jnp.asarray(w))
+    for a, b in zip(first, again):
+      assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_primitive_grads_through_kernels_match_jnp(rng):
+  """value, jvp and vjp of the primitives: kernels and jnp agree (float64)."""
+  n, m, s, cin, cout = 60, 50, 8, 5, 6
+  with x64():
+    x = jnp.asarray(rng.standard_normal((n, cin)))
+    w = jnp.asarray(rng.standard_normal((s, cin, cout)))
+    nbr_np = random_map(rng, n, m, s)
+    nbr_np[(nbr_np < 0) | (nbr_np > n)] = n
+    nbr = jnp.asarray(nbr_np)
+    inv = jnp.full((n, s), m, jnp.int32)  # not an inverse: the scatter fallback
+    uniq = jnp.asarray(False)
+
+    def f(x, w):
+      y = gm.gather_matmul(x, w, nbr, inv, uniq, jnp.float64)
+      return jnp.sum(jnp.sin(y)) + jnp.sum(gm.kernel_grad(x, y, nbr, inv, uniq, jnp.float64)**2)
+
+    results = {}
+    for backend in ("jnp", "host"):
+      previous = kernels.set_kernel_backend(backend)
+      try:
+        val, grads = jax.value_and_grad(f, argnums=(0, 1))(x, w)
+        _, tan = jax.jvp(f, (x, w), (jnp.ones_like(x), jnp.ones_like(w)))
+        results[backend] = (val, *grads, tan)
+      finally:
+        kernels.set_kernel_backend(previous)
+    for a, b in zip(results["host"], results["jnp"]):
+      assert rel_err(a, b) < 1e-10
+
+
+def test_handler_checks_declared_result_shape(on_kernels):
+  """XLA does not check the result shape an ffi_call declares; the handler does."""
+  x = jnp.ones((4, 3), jnp.float32)
+  w = jnp.ones((2, 3, 5), jnp.float32)
+  nbr = jnp.zeros((6, 2), jnp.int32)
+  bad = jax.ffi.ffi_call("jsc_gather_matmul", jax.ShapeDtypeStruct((6, 4), jnp.float32))
+  with pytest.raises(Exception, match="inconsistent shapes"):
+    jax.block_until_ready(bad(x, w, nbr))
+  mixed = jax.ffi.ffi_call("jsc_gather_matmul", jax.ShapeDtypeStruct((6, 5), jnp.float32))
+  with pytest.raises(Exception, match="share one dtype"):
+    jax.block_until_ready(mixed(x, w.astype(jnp.float16), nbr))
+
+
+def _conv_fn():
+  rng = np.random.default_rng(0)
+  pos = lattice_cloud(rng, 30, 4, 0.5)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 2, 3)), jnp.float32)
+  feats = jnp.asarray(rng.standard_normal((30, 2)), jnp.float32)
+
+  def f(kernel, feats, pos):
+    return jnp.sum(sc.sparse_conv({"kernel": kernel}, feats, pos, pos, 0.5) ** 2)
+
+  return jax.jit(jax.grad(f, argnums=(0, 1))), (kernel, feats, pos)
+
+
+def test_cpu_programs_name_the_kernels_only_when_asked():
+  f, args = _conv_fn()
+  previous = kernels.set_kernel_backend("auto")
+  try:
+    text = f.lower(*args).as_text()
+    assert "jsc_gather_matmul" not in text and "jsc_kernel_grad" not in text
+    kernels.set_kernel_backend("host")
+    text = f.lower(*args).as_text()
+    assert "jsc_gather_matmul" in text and "jsc_kernel_grad" in text
+  finally:
+    kernels.set_kernel_backend(previous)
+
+
+@pytest.mark.skipif(not kernels.kernel_builds()["cuda"], reason="built without nvcc")
+def test_cuda_lowering_names_the_kernels():
+  """Lowered for CUDA (no GPU needed), forward and both gradients are FFI calls."""
+  f, args = _conv_fn()
+  ours = [jax.export.DisabledSafetyCheck.custom_call(t)
+          for t in ("jsc_gather_matmul", "jsc_kernel_grad")]
+  text = jax.export.export(f, platforms=("cuda",), disabled_checks=ours)(*args).mlir_module()
+  assert "jsc_gather_matmul" in text and "jsc_kernel_grad" in text
+  cpu = jax.export.export(f, platforms=("cpu",), disabled_checks=ours)(*args).mlir_module()
+  assert "jsc_gather_matmul" not in cpu
+
+
+def test_builds_present_and_on_the_oldest_ffi_api():
+  builds = kernels.kernel_builds()
+  assert builds["host"], "the host build of the kernels is missing"
+  if shutil.which("nvcc") and os.environ.get("JSC_CUDA", "AUTO").upper() != "OFF":
+    assert builds["cuda"], "nvcc is on PATH but the CUDA kernels were not built"
+  # FFI API 0.4 = jaxlib 0.11.2's headers: loads on every jaxlib we support.
+  assert set(kernels.xla_ffi_api_minor().values()) == {4}
+
+
+def test_backend_switch_validates():
+  with pytest.raises(ValueError, match="backend must be one of"):
+    kernels.set_kernel_backend("cuda")
+  assert sc.set_kernel_backend(sc.set_kernel_backend("jnp")) == "jnp"
