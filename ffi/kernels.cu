@@ -295,6 +295,23 @@ bool is_shape(const B& b, std::initializer_list<int64_t> dims) {
 }
 
 template <class T>
+struct Tag {
+  using type = T;
+};
+
+// f(Tag<T>{}) for the element type t; false for types the kernels do not take.
+template <class F>
+bool by_dtype(ffi::DataType t, F&& f) {
+  switch (t) {
+    case ffi::DataType::F32: f(Tag<float>{}); return true;
+    case ffi::DataType::F64: f(Tag<double>{}); return true;
+    case ffi::DataType::F16: f(Tag<__half>{}); return true;
+    case ffi::DataType::BF16: f(Tag<__nv_bfloat16>{}); return true;
+    default: return false;
+  }
+}
+
+template <class T>
 void gather_matmul_launch(jsc_stream_t stream, bool mma, const void* x, const void* w,
                           const int32_t* nbr, void* y, int64_t n, int64_t m, int s, int cin,
                           int cout) {
@@ -331,27 +348,13 @@ ffi::Error GatherMatmul(jsc_stream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w,
   if (n >= INT32_MAX || m >= (int64_t(1) << 40)) return invalid("gather_matmul: too many rows");
   if (m == 0 || cout == 0) return ffi::Error::Success();
   const int32_t* idx = nbr.typed_data();
-  void* out = y->untyped_data();
-  switch (t) {
-    case ffi::DataType::F32:
-      gather_matmul_launch<float>(stream, false, x.untyped_data(), w.untyped_data(), idx, out, n,
-                                  m, int(s), int(cin), int(cout));
-      break;
-    case ffi::DataType::F64:
-      gather_matmul_launch<double>(stream, false, x.untyped_data(), w.untyped_data(), idx, out, n,
-                                   m, int(s), int(cin), int(cout));
-      break;
-    case ffi::DataType::F16:
-      gather_matmul_launch<__half>(stream, true, x.untyped_data(), w.untyped_data(), idx, out, n,
-                                   m, int(s), int(cin), int(cout));
-      break;
-    case ffi::DataType::BF16:
-      gather_matmul_launch<__nv_bfloat16>(stream, true, x.untyped_data(), w.untyped_data(), idx,
-                                          out, n, m, int(s), int(cin), int(cout));
-      break;
-    default:
-      return invalid("gather_matmul: dtype must be float16, bfloat16, float32 or float64");
-  }
+  const bool ok = by_dtype(t, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const bool mma = !std::is_same<T, float>::value && !std::is_same<T, double>::value;
+    gather_matmul_launch<T>(stream, mma, x.untyped_data(), w.untyped_data(), idx,
+                            y->untyped_data(), n, m, int(s), int(cin), int(cout));
+  });
+  if (!ok) return invalid("gather_matmul: dtype must be float16, bfloat16, float32 or float64");
   return launched();
 }
 
@@ -389,31 +392,12 @@ ffi::Error KernelGrad(jsc_stream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer ct,
   }
   if (n >= INT32_MAX) return invalid("kernel_grad: too many rows");
   if (s == 0 || cin == 0 || cout == 0) return ffi::Error::Success();
-  const int32_t* idx = nbr.typed_data();
-  switch (t) {
-    case ffi::DataType::F32:
-      kernel_grad_launch<float>(stream, x.untyped_data(), ct.untyped_data(), idx,
-                                dw->untyped_data(), part->untyped_data(), n, m, int(s), int(cin),
-                                int(cout), int(parts));
-      break;
-    case ffi::DataType::F64:
-      kernel_grad_launch<double>(stream, x.untyped_data(), ct.untyped_data(), idx,
-                                 dw->untyped_data(), part->untyped_data(), n, m, int(s), int(cin),
-                                 int(cout), int(parts));
-      break;
-    case ffi::DataType::F16:
-      kernel_grad_launch<__half>(stream, x.untyped_data(), ct.untyped_data(), idx,
-                                 dw->untyped_data(), part->untyped_data(), n, m, int(s), int(cin),
-                                 int(cout), int(parts));
-      break;
-    case ffi::DataType::BF16:
-      kernel_grad_launch<__nv_bfloat16>(stream, x.untyped_data(), ct.untyped_data(), idx,
-                                        dw->untyped_data(), part->untyped_data(), n, m, int(s),
-                                        int(cin), int(cout), int(parts));
-      break;
-    default:
-      return invalid("kernel_grad: dtype must be float16, bfloat16, float32 or float64");
-  }
+  const bool ok = by_dtype(t, [&](auto tag) {
+    kernel_grad_launch<typename decltype(tag)::type>(
+        stream, x.untyped_data(), ct.untyped_data(), nbr.typed_data(), dw->untyped_data(),
+        part->untyped_data(), n, m, int(s), int(cin), int(cout), int(parts));
+  });
+  if (!ok) return invalid("kernel_grad: dtype must be float16, bfloat16, float32 or float64");
   return launched();
 }
 

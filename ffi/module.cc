@@ -9,6 +9,10 @@
 
 extern "C" XLA_FFI_Error* JscGatherMatmul(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* JscKernelGrad(XLA_FFI_CallFrame* call_frame);
+#ifdef JSC_WITH_CPU_KERNELS
+extern "C" XLA_FFI_Error* JscCpuGatherMatmul(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* JscCpuKernelGrad(XLA_FFI_CallFrame* call_frame);
+#endif
 
 #define JSC_STR2(x) #x
 #define JSC_STR(x) JSC_STR2(x)
@@ -22,7 +26,12 @@ static PyObject* handlers(PyObject*, PyObject*) {
     const char* name;
     void* fn;
   } const table[] = {{"jsc_gather_matmul", reinterpret_cast<void*>(&JscGatherMatmul)},
-                     {"jsc_kernel_grad", reinterpret_cast<void*>(&JscKernelGrad)}};
+                     {"jsc_kernel_grad", reinterpret_cast<void*>(&JscKernelGrad)},
+#ifdef JSC_WITH_CPU_KERNELS
+                     {"jsc_cpu_gather_matmul", reinterpret_cast<void*>(&JscCpuGatherMatmul)},
+                     {"jsc_cpu_kernel_grad", reinterpret_cast<void*>(&JscCpuKernelGrad)},
+#endif
+  };
   for (const auto& entry : table) {
     PyObject* cap = PyCapsule_New(entry.fn, nullptr, nullptr);
     if (cap == nullptr || PyDict_SetItemString(d, entry.name, cap) != 0) {

@@ -61,12 +61,17 @@ def small_chunks(monkeypatch, rows):
   jax.clear_caches()
 
 
-@pytest.fixture(scope="module", params=["jnp", "kernels"])
+# The conv modules run under two backends. On the CPU: "auto" (what users get: the native
+# CPU kernel for float32, jnp for the other dtypes) and "host" (the CUDA kernels' source
+# compiled for the host). On a GPU: "jnp" and "auto" (the CUDA kernels).
+KERNEL_BACKENDS = ["jnp", "auto"] if jax.default_backend() == "gpu" else ["auto", "host"]
+
+
+@pytest.fixture(scope="module", params=KERNEL_BACKENDS)
 def kernel_backend(request):
-  """Runs a module's tests twice: through the jnp implementation, and through the
-  compiled kernels of ``ffi/kernels.cu`` (CUDA on a GPU; on the CPU the same source
-  compiled for the host through the shim). Module scope: one cache clear per switch."""
+  """Runs a module's tests once per backend of ``KERNEL_BACKENDS``. Module scope: one
+  cache clear per switch."""
   from jax_sparseconv._src import kernels
-  previous = kernels.set_kernel_backend("jnp" if request.param == "jnp" else "host")
+  previous = kernels.set_kernel_backend(request.param)
   yield request.param
   kernels.set_kernel_backend(previous)

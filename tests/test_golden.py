@@ -12,7 +12,7 @@ from jax_sparseconv.linen import SparseConv, SparseConvTranspose
 
 from conftest import GOLDEN_DIR, rel_err
 
-# The whole module runs through the jnp path and through the compiled kernels.
+# The whole module runs under each backend of conftest.KERNEL_BACKENDS.
 pytestmark = pytest.mark.usefixtures("kernel_backend")
 
 CASES = sorted(GOLDEN_DIR.glob("*.npz"))

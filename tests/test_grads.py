@@ -13,7 +13,7 @@ from jax_sparseconv import reference
 
 from conftest import lattice_cloud, rel_err, x64
 
-# The whole module runs through the jnp path and through the compiled kernels.
+# The whole module runs under each backend of conftest.KERNEL_BACKENDS.
 pytestmark = pytest.mark.usefixtures("kernel_backend")
 
 

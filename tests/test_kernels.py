@@ -1,8 +1,10 @@
-"""The compiled kernels (ffi/kernels.cu) op by op, against NumPy loops.
+"""The implementations of the conv's inner ops, op by op, against NumPy loops.
 
-On a CPU-only machine they run as the host build of the CUDA source (the shim); on a
-GPU, as the CUDA build. Sizes straddle the 64 x 64 tiles, maps have absent entries,
-out-of-range entries and slots with no neighbour in a whole tile (the skipped tiles).
+"kernels" is ffi/kernels.cu: on a CPU-only machine the host build of the CUDA source
+(the shim), on a GPU the CUDA build. "cpu" is the native CPU kernel (ffi/cpu_kernels.cc,
+float32), "jnp" the jnp implementation. Sizes straddle the 64 x 64 tiles (and the CPU
+kernel's 64-column and 8-column blocks), maps have absent entries, out-of-range entries
+and slots with no neighbour in a whole tile (the skipped tiles).
 """
 
 from __future__ import annotations
@@ -72,33 +74,76 @@ def _inputs(rng, dtype, n, m, s, cin, cout):
   return x, w
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "float16"])
+def _jnp_gather_matmul(x, w, nbr, dtype):
+  nbr = jnp.where((nbr < 0) | (nbr > x.shape[0]), x.shape[0], nbr)  # jnp wants the sentinel
+  return gm._impl(x, w, nbr, None, None, out_dtype=dtype)
+
+
+def _skip_unless_cpu_float32(dtype):
+  assert dtype == jnp.float32
+  if jax.default_backend() != "cpu":
+    pytest.skip("the native CPU kernels run on the CPU")
+
+
+def _cpu_gather_matmul(x, w, nbr, dtype):
+  _skip_unless_cpu_float32(dtype)
+  return kernels.cpu_gather_matmul(x, w, nbr)
+
+
+IMPLS = {"kernels": kernels.gather_matmul, "cpu": _cpu_gather_matmul, "jnp": _jnp_gather_matmul}
+
+
+def impl_dtype_params(impls, dtypes):
+  """(impl, dtype) pairs: the native CPU kernels only in float32."""
+  return [(i, d) for i in impls for d in dtypes if i != "cpu" or d == "float32"]
+
+
+@pytest.mark.parametrize("impl,dtype",
+                         impl_dtype_params(IMPLS, ["float32", "float64", "bfloat16", "float16"]))
 @pytest.mark.parametrize("shape", [(150, 131, 5, 70, 90), (70, 65, 3, 33, 17), (40, 20, 27, 3, 4),
-                                   (9, 64, 1, 1, 64), (30, 0, 8, 4, 5), (0, 12, 8, 4, 5)],
-                         ids=["tiles", "k_edge", "small", "one_slot", "no_outputs", "no_inputs"])
-def test_gather_matmul_matches_loop(rng, on_kernels, dtype, shape):
+                                   (9, 64, 1, 1, 64), (30, 0, 8, 4, 5), (0, 12, 8, 4, 5),
+                                   (2000, 1100, 7, 9, 133)],
+                         ids=["tiles", "k_edge", "small", "one_slot", "no_outputs", "no_inputs",
+                              "threads"])
+def test_gather_matmul_matches_loop(rng, on_kernels, impl, dtype, shape):
   n, m, s, cin, cout = shape
   x, w = _inputs(rng, dtype, n, m, s, cin, cout)
   nbr = random_map(rng, n, m, s)
   with x64():
-    out = kernels.gather_matmul(jnp.asarray(x, dtype), jnp.asarray(w, dtype), jnp.asarray(nbr),
-                                jnp.dtype(dtype))
+    out = IMPLS[impl](jnp.asarray(x, dtype), jnp.asarray(w, dtype), jnp.asarray(nbr),
+                      jnp.dtype(dtype))
     assert out.dtype == jnp.dtype(dtype) and out.shape == (m, cout)
     expect = loop_gather_matmul(x.astype(np.float64), w.astype(np.float64), nbr)
     assert rel_err(np.asarray(out, np.float64), expect) < TOLS[dtype]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
-@pytest.mark.parametrize("parts", [1, 3])
-def test_kernel_grad_matches_loop(rng, on_kernels, monkeypatch, dtype, parts):
-  n, m, s, cin, cout = 90, 150, 4, 70, 66
+def _cpu_kernel_grad(x, ct, nbr, dtype):
+  _skip_unless_cpu_float32(dtype)
+  return kernels.cpu_kernel_grad(x, ct, nbr)
+
+
+def _jnp_kernel_grad(x, ct, nbr, dtype):
+  nbr = jnp.where((nbr < 0) | (nbr > x.shape[0]), x.shape[0], nbr)
+  return gm._kernel_grad(x, ct, nbr, dtype)
+
+
+GRAD_IMPLS = {"kernels": kernels.kernel_grad, "cpu": _cpu_kernel_grad, "jnp": _jnp_kernel_grad}
+
+
+@pytest.mark.parametrize("impl,dtype",
+                         impl_dtype_params(GRAD_IMPLS, ["float32", "float64", "bfloat16"]))
+@pytest.mark.parametrize("shape,parts", [((90, 150, 4, 70, 66), 1), ((90, 150, 4, 70, 66), 3),
+                                         ((300, 2100, 5, 7, 21), 1)],
+                         ids=["tiles", "partitions", "threads"])
+def test_kernel_grad_matches_loop(rng, on_kernels, monkeypatch, impl, dtype, shape, parts):
+  n, m, s, cin, cout = shape
   x = _inputs(rng, dtype, n, m, 1, cin, cout)[0]
   nbr = random_map(rng, n, m, s)
   monkeypatch.setattr(kernels, "num_partitions", lambda *a: parts)
   with x64():
     ct = np.asarray(jnp.asarray(rng.standard_normal((m, cout)), dtype), np.float64)
-    dw = kernels.kernel_grad(jnp.asarray(x, dtype), jnp.asarray(ct, dtype), jnp.asarray(nbr),
-                             jnp.dtype(dtype))
+    dw = GRAD_IMPLS[impl](jnp.asarray(x, dtype), jnp.asarray(ct, dtype), jnp.asarray(nbr),
+                          jnp.dtype(dtype))
     expect = loop_kernel_grad(x.astype(np.float64), ct, nbr)
     assert dw.shape == (s, cin, cout)
     assert rel_err(np.asarray(dw, np.float64), expect) < TOLS[dtype] * (4 if parts > 1 else 1)
@@ -113,12 +158,15 @@ def test_partitions_depend_on_shapes_only():
 
 
 def test_results_are_bitwise_reproducible(rng, on_kernels):
-  n, m, s, cin, cout = 200, 180, 27, 32, 48
+  n, m, s, cin, cout = 2000, 1800, 27, 32, 48
   x, w = _inputs(rng, "float32", n, m, s, cin, cout)
   nbr = jnp.asarray(random_map(rng, n, m, s))
   ct = jnp.asarray(rng.standard_normal((m, cout)), jnp.float32)
+  native = jax.default_backend() == "cpu"
   f = jax.jit(lambda x, w: (kernels.gather_matmul(x, w, nbr, jnp.float32),
-                            kernels.kernel_grad(x, ct, nbr, jnp.float32)))
+                            kernels.kernel_grad(x, ct, nbr, jnp.float32),
+                            *((kernels.cpu_gather_matmul(x, w, nbr),
+                               kernels.cpu_kernel_grad(x, ct, nbr)) if native else ())))
   first = f(jnp.asarray(x), jnp.asarray(w))
   for _ in range(2):
     again = f(jnp.asarray(x), jnp.asarray(w))
@@ -180,15 +228,28 @@ def _conv_fn():
   return jax.jit(jax.grad(f, argnums=(0, 1))), (kernel, feats, pos)
 
 
-def test_cpu_programs_name_the_kernels_only_when_asked():
+OURS = [jax.export.DisabledSafetyCheck.custom_call(t)
+        for t in ("jsc_gather_matmul", "jsc_kernel_grad", "jsc_cpu_gather_matmul",
+                  "jsc_cpu_kernel_grad")]
+
+
+def _cpu_text(f, args):
+  return jax.export.export(f, platforms=("cpu",), disabled_checks=OURS)(*args).mlir_module()
+
+
+def test_cpu_programs_name_the_kernels_each_backend_asks_for():
   f, args = _conv_fn()
-  previous = kernels.set_kernel_backend("auto")
+  previous = kernels.set_kernel_backend("jnp")
   try:
-    text = f.lower(*args).as_text()
-    assert "jsc_gather_matmul" not in text and "jsc_kernel_grad" not in text
-    kernels.set_kernel_backend("host")
-    text = f.lower(*args).as_text()
-    assert "jsc_gather_matmul" in text and "jsc_kernel_grad" in text
+    assert "@jsc_" not in _cpu_text(f, args)
+    kernels.set_kernel_backend("auto")  # native CPU kernels
+    text = _cpu_text(f, args)
+    assert "@jsc_cpu_gather_matmul" in text and "@jsc_cpu_kernel_grad" in text
+    assert "@jsc_gather_matmul" not in text and "@jsc_kernel_grad" not in text
+    kernels.set_kernel_backend("host")  # the CUDA source's host build, never a CUDA target
+    text = _cpu_text(f, args)
+    assert "@jsc_gather_matmul" in text and "@jsc_kernel_grad" in text
+    assert "@jsc_cpu_" not in text
   finally:
     kernels.set_kernel_backend(previous)
 
@@ -197,12 +258,8 @@ def test_cpu_programs_name_the_kernels_only_when_asked():
 def test_cuda_lowering_names_the_kernels():
   """Lowered for CUDA (no GPU needed), forward and both gradients are FFI calls."""
   f, args = _conv_fn()
-  ours = [jax.export.DisabledSafetyCheck.custom_call(t)
-          for t in ("jsc_gather_matmul", "jsc_kernel_grad")]
-  text = jax.export.export(f, platforms=("cuda",), disabled_checks=ours)(*args).mlir_module()
-  assert "jsc_gather_matmul" in text and "jsc_kernel_grad" in text
-  cpu = jax.export.export(f, platforms=("cpu",), disabled_checks=ours)(*args).mlir_module()
-  assert "jsc_gather_matmul" not in cpu
+  text = jax.export.export(f, platforms=("cuda",), disabled_checks=OURS)(*args).mlir_module()
+  assert "@jsc_gather_matmul" in text and "@jsc_kernel_grad" in text
 
 
 def test_builds_present_and_on_the_oldest_ffi_api():

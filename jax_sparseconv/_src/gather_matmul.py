@@ -138,31 +138,41 @@ def _lowered(x, w, nbr, inv, unique, *, out_dtype):
     del inv, unique
     return kernels.gather_matmul(x, w, nbr, out_dtype)
 
+  def by_cpu_kernel(x, w, nbr, inv, unique):
+    del inv, unique
+    return kernels.cpu_gather_matmul(x, w, nbr)
+
+  f32 = all(jnp.dtype(t) == jnp.float32 for t in (x.dtype, w.dtype, out_dtype))
   return kernels.dispatch(functools.partial(_impl, out_dtype=out_dtype), by_kernel,
-                          x, w, nbr, inv, unique)
+                          x, w, nbr, inv, unique, cpu_fn=by_cpu_kernel if f32 else None)
 
 
-gather_matmul_p = Primitive("sparse_gather_matmul")
-gather_matmul_p.def_impl(functools.partial(jax.jit, static_argnames="out_dtype")(_lowered))
-gather_matmul_p.def_abstract_eval(_abstract_eval)
-mlir.register_lowering(gather_matmul_p, mlir.lower_fun(_lowered, multiple_results=False))
+def _define(name, lowered, abstract_eval, param, bind):
+  """A primitive ``(a, b, nbr, inv, unique; param)``, bilinear in ``(a, b)``: impl and
+  lowering from ``lowered``, and its JVP by bilinearity through ``bind``."""
+  prim = Primitive(name)
+  prim.def_impl(functools.partial(jax.jit, static_argnames=param)(lowered))
+  prim.def_abstract_eval(abstract_eval)
+  mlir.register_lowering(prim, mlir.lower_fun(lowered, multiple_results=False))
+  ad.defjvp(prim,
+            lambda da, a, b, *rest, **kw: bind(da, b, *rest, kw[param]),
+            lambda db, a, b, *rest, **kw: bind(a, db, *rest, kw[param]),
+            None, None, None)
+  return prim
 
 
-def _jvp_x(dx, x, w, nbr, inv, unique, *, out_dtype):
-  return gather_matmul(dx, w, nbr, inv, unique, out_dtype)
+def _zero_cotangents(a, b):
+  return (ad.Zero(a.aval) if ad.is_undefined_primal(a) else None,
+          ad.Zero(b.aval) if ad.is_undefined_primal(b) else None, None, None, None)
 
 
-def _jvp_w(dw, x, w, nbr, inv, unique, *, out_dtype):
-  return gather_matmul(x, dw, nbr, inv, unique, out_dtype)
-
-
-ad.defjvp(gather_matmul_p, _jvp_x, _jvp_w, None, None, None)
+gather_matmul_p = _define("sparse_gather_matmul", _lowered, _abstract_eval, "out_dtype",
+                          gather_matmul)
 
 
 def _transpose(ct, x, w, nbr, inv, unique, *, out_dtype):
   if type(ct) is ad.Zero:
-    return (None if not ad.is_undefined_primal(x) else ad.Zero(x.aval),
-            None if not ad.is_undefined_primal(w) else ad.Zero(w.aval), None, None, None)
+    return _zero_cotangents(x, w)
   if ad.is_undefined_primal(x):
     assert not ad.is_undefined_primal(w)
     x_dtype = x.aval.dtype
@@ -221,7 +231,12 @@ def _kernel_grad_lowered(x, ct, nbr, inv, unique, *, w_dtype):
   def by_kernel(x, ct, nbr, inv, unique):
     return kernels.kernel_grad(x, ct, nbr, w_dtype)
 
-  return kernels.dispatch(by_jnp, by_kernel, x, ct, nbr, inv, unique)
+  def by_cpu_kernel(x, ct, nbr, inv, unique):
+    return kernels.cpu_kernel_grad(x, ct, nbr)
+
+  f32 = all(jnp.dtype(t) == jnp.float32 for t in (x.dtype, ct.dtype, w_dtype))
+  return kernels.dispatch(by_jnp, by_kernel, x, ct, nbr, inv, unique,
+                          cpu_fn=by_cpu_kernel if f32 else None)
 
 
 def _kernel_grad_abstract_eval(x, ct, nbr, inv, unique, *, w_dtype):
@@ -232,29 +247,15 @@ def _kernel_grad_abstract_eval(x, ct, nbr, inv, unique, *, w_dtype):
   return jax.core.ShapedArray((s, cin, cout), w_dtype)
 
 
-kernel_grad_p = Primitive("sparse_kernel_grad")
-kernel_grad_p.def_impl(functools.partial(jax.jit, static_argnames="w_dtype")(_kernel_grad_lowered))
-kernel_grad_p.def_abstract_eval(_kernel_grad_abstract_eval)
-mlir.register_lowering(kernel_grad_p, mlir.lower_fun(_kernel_grad_lowered, multiple_results=False))
-
-
-def _kg_jvp_x(dx, x, ct, nbr, inv, unique, *, w_dtype):
-  return kernel_grad(dx, ct, nbr, inv, unique, w_dtype)
-
-
-def _kg_jvp_ct(dct, x, ct, nbr, inv, unique, *, w_dtype):
-  return kernel_grad(x, dct, nbr, inv, unique, w_dtype)
-
-
-ad.defjvp(kernel_grad_p, _kg_jvp_x, _kg_jvp_ct, None, None, None)
+kernel_grad_p = _define("sparse_kernel_grad", _kernel_grad_lowered, _kernel_grad_abstract_eval,
+                        "w_dtype", kernel_grad)
 
 
 def _kg_transpose(g, x, ct, nbr, inv, unique, *, w_dtype):
   """Bilinear in (x, ct): each transpose is a gather-matmul with the cotangent ``g``
   of ``dw`` as the kernel."""
   if type(g) is ad.Zero:
-    return (None if not ad.is_undefined_primal(x) else ad.Zero(x.aval),
-            None if not ad.is_undefined_primal(ct) else ad.Zero(ct.aval), None, None, None)
+    return _zero_cotangents(x, ct)
   if ad.is_undefined_primal(ct):  # ct_bar[m] = sum_s x[nbr[m, s]] @ g[s]
     return None, gather_matmul(x, g, nbr, inv, unique, ct.aval.dtype), None, None, None
   x_dtype = x.aval.dtype  # x_bar[n] = sum_s ct[inv[n, s]] @ g[s]^T, or a scatter-add

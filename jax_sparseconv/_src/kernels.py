@@ -7,7 +7,9 @@ Two builds of one CUDA source ship as extension modules of this package:
 * ``_host_kernels``: the same source compiled by g++ through ``ffi/cuda_host_shim.h``
   (every CUDA thread a fiber, blocks in turn), registered for ``platform="cpu"``. It is
   slow and exists so that the kernels' indexing runs through the test suite on
-  machines without a GPU.
+  machines without a GPU. The same module carries the native CPU kernel
+  (``ffi/cpu_kernels.cc``: float32 gather-matmul and kernel gradient over the pairs
+  that exist, AVX2, multi-threaded), which the CPU uses by default for float32.
 
 Which path a program takes is decided when it is lowered, per platform, through
 ``jax.lax.platform_dependent``: a CPU program never names a CUDA target. See
@@ -50,11 +52,12 @@ def set_kernel_backend(backend: str) -> str:
   """Chooses the implementation of the conv's inner op; returns the previous choice.
 
   * ``"auto"`` (default; also read from ``$JAX_SPARSECONV_KERNELS``): the CUDA kernels
-    on NVIDIA GPUs when the package was built with nvcc, the jnp implementation
-    elsewhere.
+    on NVIDIA GPUs when the package was built with nvcc; on the CPU the native
+    kernels for float32 (forward, feature and kernel gradients) and the jnp
+    implementation for the other dtypes.
   * ``"jnp"``: the jnp implementation everywhere.
-  * ``"host"``: as ``"auto"``, and on the CPU the CUDA kernels compiled for the host
-    (slow; for testing and debugging the kernels without a GPU).
+  * ``"host"``: the CUDA kernels on GPUs, and on the CPU the CUDA kernels compiled for
+    the host (slow; for testing and debugging the kernels without a GPU).
 
   Programs already compiled keep the backend they were lowered with, so this clears
   JAX's compilation caches.
@@ -77,19 +80,18 @@ def kernel_builds() -> dict[str, bool]:
   return {"cuda": _cuda is not None, "host": _host is not None}
 
 
-def platform_branches(fn) -> dict:
-  """``platform_dependent`` keyword branches that use the compiled kernels."""
+def dispatch(jnp_fn, kernel_fn, *args, cpu_fn=None):
+  """``jnp_fn(*args)``, or a compiled version on the platforms that have one:
+  ``kernel_fn`` (the CUDA source) on GPUs and, with backend "host", on the CPU;
+  ``cpu_fn`` (the native CPU kernel, when given) on the CPU with backend "auto"."""
   branches = {}
   if _backend != "jnp" and _cuda is not None:
-    branches["cuda"] = fn
-  if _backend == "host" and _host is not None:
-    branches["cpu"] = fn
-  return branches
-
-
-def dispatch(jnp_fn, kernel_fn, *args):
-  """``jnp_fn(*args)``, or the kernel version on the platforms that have one."""
-  branches = platform_branches(kernel_fn)
+    branches["cuda"] = kernel_fn
+  if _host is not None:
+    if _backend == "host":
+      branches["cpu"] = kernel_fn
+    elif _backend == "auto" and cpu_fn is not None:
+      branches["cpu"] = cpu_fn
   if not branches:
     return jnp_fn(*args)
   return jax.lax.platform_dependent(*args, default=jnp_fn, **branches)
@@ -111,6 +113,23 @@ def gather_matmul(x, w, nbr, out_dtype):
   call = jax.ffi.ffi_call("jsc_gather_matmul", jax.ShapeDtypeStruct((m, cout), dt),
                           vmap_method="sequential")
   return call(x.astype(dt), w.astype(dt), nbr.astype(jnp.int32)).astype(out_dtype)
+
+
+def cpu_gather_matmul(x, w, nbr):
+  """float32 ``y[m] = sum_s x[nbr[m, s]] @ w[s]`` by the native CPU kernel."""
+  call = jax.ffi.ffi_call("jsc_cpu_gather_matmul",
+                          jax.ShapeDtypeStruct((nbr.shape[0], w.shape[2]), jnp.float32),
+                          vmap_method="sequential")
+  return call(x, w, nbr.astype(jnp.int32))
+
+
+def cpu_kernel_grad(x, ct, nbr):
+  """float32 ``dw[s] = sum_m x[nbr[m, s]]^T ct[m]`` by the native CPU kernel."""
+  call = jax.ffi.ffi_call(
+      "jsc_cpu_kernel_grad",
+      jax.ShapeDtypeStruct((nbr.shape[1], x.shape[1], ct.shape[1]), jnp.float32),
+      vmap_method="sequential")
+  return call(x, ct, nbr.astype(jnp.int32))
 
 
 def num_partitions(m: int, s: int, cin: int, cout: int) -> int:
