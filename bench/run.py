@@ -162,7 +162,8 @@ def main(argv=None):
   o3d = {} if args.no_open3d else bench_open3d(sizes, channels, args.repeats, threads)
   load = os.getloadavg()
   head = (f"machine: {platform.processor() or platform.machine()}, {threads} cores, load "
-          f"{load[0]:.2f}; jax {jax.__version__} (CPU); dense f32 matmul {mm:.1f} GFLOP/s")
+          f"{load[0]:.2f}; jax {jax.__version__} (CPU); dense f32 matmul {mm:.1f} GFLOP/s; "
+          f"kernel backend {sc.get_kernel_backend()!r} (auto: native CPU kernels for float32)")
   print(head)
   cols = ["workload", "N in", "N out", "C", "pairs/out", "map ms", "fwd ms", "fwd+bwd ms",
           "layer fwd ms", "layer f+b ms", "GFLOP/s (% matmul)", "peak MB (base)",

@@ -8,6 +8,7 @@ from jax_sparseconv._src.gather_matmul import CHUNK_BYTES as CHUNK_BYTES
 from jax_sparseconv._src.conv import sparse_conv as sparse_conv
 from jax_sparseconv._src.conv import sparse_conv_transpose as sparse_conv_transpose
 from jax_sparseconv._src.kernel_map import KernelMap as KernelMap
+from jax_sparseconv._src.kernels import get_kernel_backend as get_kernel_backend
 from jax_sparseconv._src.kernels import kernel_builds as kernel_builds
 from jax_sparseconv._src.kernels import set_kernel_backend as set_kernel_backend
 from jax_sparseconv._src.kernel_map import build_kernel_map as build_kernel_map

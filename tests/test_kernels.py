@@ -274,4 +274,6 @@ def test_builds_present_and_on_the_oldest_ffi_api():
 def test_backend_switch_validates():
   with pytest.raises(ValueError, match="backend must be one of"):
     kernels.set_kernel_backend("cuda")
+  before = sc.get_kernel_backend()
   assert sc.set_kernel_backend(sc.set_kernel_backend("jnp")) == "jnp"
+  assert sc.get_kernel_backend() == before

@@ -75,6 +75,11 @@ def set_kernel_backend(backend: str) -> str:
   return previous
 
 
+def get_kernel_backend() -> str:
+  """The current choice of :func:`set_kernel_backend`."""
+  return _backend
+
+
 def kernel_builds() -> dict[str, bool]:
   """Which compiled builds this installation carries: ``{"cuda": ..., "host": ...}``."""
   return {"cuda": _cuda is not None, "host": _host is not None}
