@@ -1,7 +1,8 @@
 // Native CPU kernels (float32) for the conv's inner ops, computing only the (output,
 // slot) pairs that exist: the gather-matmul y[m] = sum_s x[nbr[m, s]] @ w[s] (forward,
 // and the feature gradient through the inverse map) and the kernel gradient
-// dw[s] = sum_m x[nbr[m, s]]^T ct[m].
+// dw[s] = sum_m x[nbr[m, s]]^T ct[m]; and two pieces of the neighbour search: the
+// sort of the input keys and the kernel map's inverse.
 //
 // Unlike the jnp path, which gathers a dense (rows, slots * Cin) block (the ~45% of empty
 // slots included) and hands it to a matmul, this walks the map: for a tile of output rows
@@ -159,7 +160,8 @@ ffi::Error GatherMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 
 
 // ---------------------------------------------------------------- kernel gradient
-// dw[s] = sum_m x[nbr[m, s]]^T ct[m]. Threads own whole slots (slot t, t + T, ...). For
+// dw[s] = sum_m x[nbr[m, s]]^T ct[m]; and two pieces of the neighbour search: the
+// sort of the input keys and the kernel map's inverse. Threads own whole slots (slot t, t + T, ...). For
 // each slot the pairs that exist are taken in row order, kPairs at a time, gathered into
 // contiguous blocks X^T (Cin x kPairs) and G (kPairs x Cout) that stay in L1, and
 // dw[s] += X^T G is computed row by row with the forward's row update.
@@ -279,6 +281,124 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ct,
   return ffi::Error::Success();
 }
 
+
+// ---------------------------------------------------------------- inverse map
+// inv[j, s] = the output m with nbr[m, s] = j (M where none), for each of the leading batch
+// entries, and unique = no (j, s) is read by two outputs (then inv is an exact inverse).
+// Threads own whole slots; a collision keeps the last row, and clears `unique`.
+ffi::Error Invert(ffi::Buffer<ffi::S32> nbr, ffi::Result<ffi::Buffer<ffi::S32>> inv,
+                  ffi::Result<ffi::Buffer<ffi::PRED>> unique) {
+  auto nd = nbr.dimensions(), id = inv->dimensions(), ud = unique->dimensions();
+  const size_t rank = nd.size();
+  bool ok = rank >= 2 && id.size() == rank && ud.size() == rank - 2 && id[rank - 1] == nd[rank - 1];
+  int64_t batch = 1;
+  for (size_t k = 0; ok && k + 2 < rank; ++k) {
+    ok = id[k] == nd[k] && ud[k] == nd[k];
+    batch *= nd[k];
+  }
+  if (!ok) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "jax_sparseconv cpu invert: inconsistent shapes");
+  }
+  const int64_t m = nd[rank - 2], s = nd[rank - 1], n = id[rank - 2];
+  if (m >= INT32_MAX) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "too many rows");
+  const int32_t* src = nbr.typed_data();
+  int32_t* dst = inv->typed_data();
+  bool* uniq = unique->typed_data();
+  const int threads = num_threads(m * s / 8, s);
+  std::vector<char> clash(size_t(batch) * threads, 0);
+  parallel(threads, [&](int t) {
+    for (int64_t b = 0; b < batch; ++b) {
+      const int32_t* nb = src + b * m * s;
+      int32_t* out = dst + b * n * s;
+      for (int64_t sl = t; sl < s; sl += threads) {
+        for (int64_t j = 0; j < n; ++j) out[j * s + sl] = int32_t(m);
+        for (int64_t r = 0; r < m; ++r) {
+          const int32_t j = nb[r * s + sl];
+          if (j < 0 || j >= n) continue;
+          int32_t& e = out[int64_t(j) * s + sl];
+          if (e != m) clash[size_t(b) * threads + t] = 1;
+          e = int32_t(r);
+        }
+      }
+    }
+  });
+  for (int64_t b = 0; b < batch; ++b) {
+    bool any = false;
+    for (int t = 0; t < threads; ++t) any |= clash[size_t(b) * threads + t] != 0;
+    uniq[b] = !any;
+  }
+  return ffi::Error::Success();
+}
+
+
+// ---------------------------------------------------------------- key sort
+// Sorts the two-word keys (hi, lo) of each leading batch entry with their positions:
+// (hi, lo, perm) in ascending (hi, lo, position) order, so equal keys keep their order.
+// LSD radix sort of the 64-bit key (hi << 32 | lo), 16 bits a pass, stable; passes whose
+// digit is the same for every key are skipped.
+ffi::Error SortKeys(ffi::Buffer<ffi::U32> hi, ffi::Buffer<ffi::U32> lo,
+                    ffi::Result<ffi::Buffer<ffi::U32>> hi_out,
+                    ffi::Result<ffi::Buffer<ffi::U32>> lo_out,
+                    ffi::Result<ffi::Buffer<ffi::S32>> perm) {
+  auto d = hi.dimensions();
+  const auto same = [&](auto dims) {
+    if (dims.size() != d.size()) return false;
+    for (size_t k = 0; k < d.size(); ++k)
+      if (dims[k] != d[k]) return false;
+    return true;
+  };
+  if (d.size() < 1 || !same(lo.dimensions()) || !same(hi_out->dimensions()) ||
+      !same(lo_out->dimensions()) || !same(perm->dimensions())) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "jax_sparseconv cpu sort_keys: inconsistent shapes");
+  }
+  const int64_t n = d[d.size() - 1];
+  if (n >= INT32_MAX) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "too many keys");
+  const int64_t batch = n == 0 ? 0 : int64_t(hi.element_count()) / n;
+  std::vector<uint64_t> key(n), key2(n);
+  std::vector<int32_t> idx(n), idx2(n);
+  std::vector<int64_t> count(1 << 16);
+  for (int64_t b = 0; b < batch; ++b) {
+    const uint32_t* h = hi.typed_data() + b * n;
+    const uint32_t* l = lo.typed_data() + b * n;
+    uint64_t all_or = 0, all_and = ~uint64_t(0);
+    for (int64_t i = 0; i < n; ++i) {
+      key[i] = (uint64_t(h[i]) << 32) | l[i];
+      idx[i] = int32_t(i);
+      all_or |= key[i];
+      all_and &= key[i];
+    }
+    for (int shift = 0; shift < 64; shift += 16) {
+      if ((((all_or ^ all_and) >> shift) & 0xffff) == 0) continue;  // one digit value: no-op
+      std::fill(count.begin(), count.end(), 0);
+      for (int64_t i = 0; i < n; ++i) ++count[(key[i] >> shift) & 0xffff];
+      int64_t sum = 0;
+      for (auto& c : count) {
+        const int64_t t = c;
+        c = sum;
+        sum += t;
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t at = count[(key[i] >> shift) & 0xffff]++;
+        key2[at] = key[i];
+        idx2[at] = idx[i];
+      }
+      key.swap(key2);
+      idx.swap(idx2);
+    }
+    uint32_t* ho = hi_out->typed_data() + b * n;
+    uint32_t* lw = lo_out->typed_data() + b * n;
+    int32_t* pm = perm->typed_data() + b * n;
+    for (int64_t i = 0; i < n; ++i) {
+      ho[i] = uint32_t(key[i] >> 32);
+      lw[i] = uint32_t(key[i]);
+      pm[i] = idx[i];
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace jsc_cpu
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JscCpuGatherMatmul, jsc_cpu::GatherMatmul,
@@ -294,3 +414,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JscCpuKernelGrad, jsc_cpu::KernelGrad,
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JscCpuInvert, jsc_cpu::Invert,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::PRED>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JscCpuSortKeys, jsc_cpu::SortKeys,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::U32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::U32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::U32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::U32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::S32>>());

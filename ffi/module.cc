@@ -12,6 +12,8 @@ extern "C" XLA_FFI_Error* JscKernelGrad(XLA_FFI_CallFrame* call_frame);
 #ifdef JSC_WITH_CPU_KERNELS
 extern "C" XLA_FFI_Error* JscCpuGatherMatmul(XLA_FFI_CallFrame* call_frame);
 extern "C" XLA_FFI_Error* JscCpuKernelGrad(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* JscCpuInvert(XLA_FFI_CallFrame* call_frame);
+extern "C" XLA_FFI_Error* JscCpuSortKeys(XLA_FFI_CallFrame* call_frame);
 #endif
 
 #define JSC_STR2(x) #x
@@ -30,6 +32,8 @@ static PyObject* handlers(PyObject*, PyObject*) {
 #ifdef JSC_WITH_CPU_KERNELS
                      {"jsc_cpu_gather_matmul", reinterpret_cast<void*>(&JscCpuGatherMatmul)},
                      {"jsc_cpu_kernel_grad", reinterpret_cast<void*>(&JscCpuKernelGrad)},
+                     {"jsc_cpu_invert", reinterpret_cast<void*>(&JscCpuInvert)},
+                     {"jsc_cpu_sort_keys", reinterpret_cast<void*>(&JscCpuSortKeys)},
 #endif
   };
   for (const auto& entry : table) {

@@ -229,8 +229,8 @@ def _conv_fn():
 
 
 OURS = [jax.export.DisabledSafetyCheck.custom_call(t)
-        for t in ("jsc_gather_matmul", "jsc_kernel_grad", "jsc_cpu_gather_matmul",
-                  "jsc_cpu_kernel_grad")]
+        for t in sorted({t for mod in (kernels._host, kernels._cuda) if mod is not None
+                         for t in mod.handlers()})]
 
 
 def _cpu_text(f, args):
@@ -277,3 +277,54 @@ def test_backend_switch_validates():
   before = sc.get_kernel_backend()
   assert sc.set_kernel_backend(sc.set_kernel_backend("jnp")) == "jnp"
   assert sc.get_kernel_backend() == before
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 3000])
+def test_cpu_sort_keys_matches_numpy(rng, n):
+  if jax.default_backend() != "cpu":
+    pytest.skip("the native CPU kernels run on the CPU")
+  hi = rng.integers(0, 2**30, n).astype(np.uint32)
+  lo = rng.integers(0, 2**30, n).astype(np.uint32)
+  if n > 10:
+    hi[:5] = 0xFFFFFFFF  # padding sentinels: equal keys keep their order
+    lo[:5] = 0xFFFFFFFF
+    hi[7], lo[7] = hi[8], lo[8]  # a duplicated key
+    hi[9:20] = 3  # keys that differ only in the low word
+  order = np.lexsort((np.arange(n), lo, hi))
+  for batched in (False, True):
+    if batched:  # leading batch axes, as vmap gives them
+      out = jax.vmap(kernels.cpu_sort_keys)(jnp.asarray(np.stack([hi, hi[::-1]])),
+                                            jnp.asarray(np.stack([lo, lo[::-1]])))
+      out = [o[0] for o in out]
+      second = np.lexsort((np.arange(n), lo[::-1], hi[::-1]))
+      assert np.array_equal(np.asarray(jax.vmap(kernels.cpu_sort_keys)(
+          jnp.asarray(np.stack([hi, hi[::-1]])), jnp.asarray(np.stack([lo, lo[::-1]])))[2][1]),
+          second)
+    else:
+      out = kernels.cpu_sort_keys(jnp.asarray(hi), jnp.asarray(lo))
+    assert np.array_equal(np.asarray(out[2]), order)
+    assert np.array_equal(np.asarray(out[0]), hi[order])
+    assert np.array_equal(np.asarray(out[1]), lo[order])
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_cpu_invert_matches_jnp(rng, collide):
+  if jax.default_backend() != "cpu":
+    pytest.skip("the native CPU kernels run on the CPU")
+  from jax_sparseconv._src import kernel_map as kmod
+  n, m, s = 300, 250, 9
+  nbr = np.full((m, s), n)
+  for sl in range(s):  # an injective map per slot, 200 of the 250 rows
+    nbr[rng.permutation(m)[:200], sl] = rng.permutation(n)[:200]
+  if collide:
+    nbr[3, 4] = nbr[5, 4] = 17
+  nbr = jnp.asarray(nbr, jnp.int32)
+  inv, uniq = kernels.cpu_invert(nbr, n)
+  inv_ref, uniq_ref = kmod._invert_jnp(nbr, n)
+  assert bool(uniq) == bool(uniq_ref) == (not collide)
+  if not collide:
+    assert np.array_equal(np.asarray(inv), np.asarray(inv_ref))
+  batched = jax.vmap(lambda a: kernels.cpu_invert(a, n))(jnp.stack([nbr, nbr[::-1]]))
+  assert batched[0].shape == (2, n, s) and np.array_equal(np.asarray(batched[0][0]),
+                                                          np.asarray(inv))
+  assert list(np.asarray(batched[1])) == [not collide] * 2

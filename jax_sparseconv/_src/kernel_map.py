@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checks
+from . import checks, kernels
 from .morton import MAX_COORD, morton_encode
 
 #: Largest allowed ``|p/voxel_size - round(p/voxel_size)|`` (relative to the reference point).
@@ -322,8 +322,7 @@ def _search(in_pos, out_pos, voxel_size, in_mask, out_mask, in_batch, out_batch,
   # Sort the input keys once; invalid inputs get the sentinel key (sorts last, never matches).
   in_keys = [jnp.where(in_mask, w, _SENTINEL_KEY)
              for w in _keys(jnp.clip(c_in, 0, MAX_COORD - 1), in_batch)]
-  *sorted_keys, perm = jax.lax.sort((*in_keys, jnp.arange(n, dtype=jnp.int32)),
-                                    num_keys=len(in_keys))
+  *sorted_keys, perm = _sort_keys(in_keys)
   if n > 1:
     same = functools.reduce(jnp.logical_and, [k[1:] == k[:-1] for k in sorted_keys])
     dup = jnp.any(same & (sorted_keys[0][1:] != _SENTINEL_KEY))
@@ -350,8 +349,26 @@ def _search(in_pos, out_pos, voxel_size, in_mask, out_mask, in_batch, out_batch,
   return neighbors, inverse, unique, flags.astype(jnp.int32)
 
 
+def _sort_keys(keys):
+  """``(*sorted keys, perm)``: the native CPU radix sort for two-word keys on the CPU,
+  else ``lax.sort`` (equal keys, i.e. padding sentinels and duplicated inputs, may come
+  out in another order; neither is ever matched by a query)."""
+  def by_lax(*keys):
+    iota = jnp.arange(keys[0].shape[0], dtype=jnp.int32)
+    return tuple(jax.lax.sort((*keys, iota), num_keys=len(keys)))
+
+  return kernels.dispatch(by_lax, None, *keys,
+                          cpu_fn=kernels.cpu_sort_keys if len(keys) == 2 else None)
+
+
 def _invert(neighbors, n):
-  """The inverse map ``(n, S)`` and whether it is exact (checked by a round trip)."""
+  """The inverse map ``(n, S)`` and whether it is exact: the native CPU kernel on the
+  CPU (a single pass, collisions counted), else a scatter checked by a round trip."""
+  return kernels.dispatch(functools.partial(_invert_jnp, n=n), None, neighbors,
+                          cpu_fn=lambda nb: kernels.cpu_invert(nb, n))
+
+
+def _invert_jnp(neighbors, n):
   m, s = neighbors.shape
   rows = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32)[:, None], (m, s))
   slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None, :], (m, s))

@@ -87,14 +87,15 @@ def kernel_builds() -> dict[str, bool]:
 
 def dispatch(jnp_fn, kernel_fn, *args, cpu_fn=None):
   """``jnp_fn(*args)``, or a compiled version on the platforms that have one:
-  ``kernel_fn`` (the CUDA source) on GPUs and, with backend "host", on the CPU;
-  ``cpu_fn`` (the native CPU kernel, when given) on the CPU with backend "auto"."""
+  ``kernel_fn`` (the CUDA source, when given) on GPUs and, with backend "host", on the
+  CPU; ``cpu_fn`` (a native CPU kernel, when given) on the CPU with backend "auto"."""
   branches = {}
-  if _backend != "jnp" and _cuda is not None:
+  if _backend != "jnp" and _cuda is not None and kernel_fn is not None:
     branches["cuda"] = kernel_fn
   if _host is not None:
     if _backend == "host":
-      branches["cpu"] = kernel_fn
+      if kernel_fn is not None:
+        branches["cpu"] = kernel_fn
     elif _backend == "auto" and cpu_fn is not None:
       branches["cpu"] = cpu_fn
   if not branches:
@@ -135,6 +136,27 @@ def cpu_kernel_grad(x, ct, nbr):
       jax.ShapeDtypeStruct((nbr.shape[1], x.shape[1], ct.shape[1]), jnp.float32),
       vmap_method="sequential")
   return call(x, ct, nbr.astype(jnp.int32))
+
+
+def cpu_invert(nbr, n):
+  """The inverse of a kernel map and whether it is exact, by the native CPU kernel.
+  Leading batch axes are handled by the kernel (``vmap_method="broadcast_all"``)."""
+  *batch, _, s = nbr.shape
+  call = jax.ffi.ffi_call(
+      "jsc_cpu_invert",
+      (jax.ShapeDtypeStruct((*batch, n, s), jnp.int32), jax.ShapeDtypeStruct(tuple(batch), bool)),
+      vmap_method="broadcast_all")
+  return call(nbr.astype(jnp.int32))
+
+
+def cpu_sort_keys(hi, lo):
+  """``(hi, lo, perm)`` sorted by ``(hi, lo, position)`` (native CPU radix sort); leading
+  batch axes are handled by the kernel."""
+  out = jax.ShapeDtypeStruct(hi.shape, jnp.uint32)
+  call = jax.ffi.ffi_call("jsc_cpu_sort_keys",
+                          (out, out, jax.ShapeDtypeStruct(hi.shape, jnp.int32)),
+                          vmap_method="broadcast_all")
+  return call(hi.astype(jnp.uint32), lo.astype(jnp.uint32))
 
 
 def num_partitions(m: int, s: int, cin: int, cout: int) -> int:
