@@ -12,6 +12,7 @@
 // results do not depend on the thread count (bitwise reproducible).
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -122,7 +123,11 @@ bool has_avx2() {
 
 // Threads for `work` rows of work, at most `cap`: hardware threads, fewer for small work.
 int num_threads(int64_t work, int64_t cap) {
-  const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
+  static const int64_t hw = [] {
+    const char* env = std::getenv("JAX_SPARSECONV_CPU_THREADS");  // optional cap
+    const int64_t n = std::max(1u, std::thread::hardware_concurrency());
+    return env != nullptr && std::atoi(env) > 0 ? std::min<int64_t>(n, std::atoi(env)) : n;
+  }();
   return int(std::max<int64_t>(1, std::min({hw, cap, work / kRowsPerThread})));
 }
 

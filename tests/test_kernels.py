@@ -328,3 +328,32 @@ def test_cpu_invert_matches_jnp(rng, collide):
   assert batched[0].shape == (2, n, s) and np.array_equal(np.asarray(batched[0][0]),
                                                           np.asarray(inv))
   assert list(np.asarray(batched[1])) == [not collide] * 2
+
+
+_ONE_THREAD = """
+import sys, numpy as np, jax.numpy as jnp
+from jax_sparseconv._src import kernels
+d = np.load(sys.argv[1])
+x, w, ct, nbr = (jnp.asarray(d[k]) for k in ("x", "w", "ct", "nbr"))
+np.savez(sys.argv[2], y=kernels.cpu_gather_matmul(x, w, nbr), dw=kernels.cpu_kernel_grad(x, ct, nbr))
+"""
+
+
+def test_cpu_kernels_do_not_depend_on_the_thread_count(rng, tmp_path):
+  """Bitwise the same with every thread available and with JAX_SPARSECONV_CPU_THREADS=1."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the native CPU kernels run on the CPU")
+  import subprocess
+  import sys
+  n, m, s, cin, cout = 3000, 3000, 27, 16, 24
+  x, w = _inputs(rng, "float32", n, m, s, cin, cout)
+  ct = rng.standard_normal((m, cout)).astype(np.float32)
+  nbr = random_map(rng, n, m, s)
+  np.savez(tmp_path / "in.npz", x=x, w=w, ct=ct, nbr=nbr)
+  subprocess.run([sys.executable, "-c", _ONE_THREAD, str(tmp_path / "in.npz"),
+                  str(tmp_path / "out.npz")], check=True,
+                 env={**os.environ, "JAX_SPARSECONV_CPU_THREADS": "1"})
+  one = np.load(tmp_path / "out.npz")
+  y = kernels.cpu_gather_matmul(jnp.asarray(x), jnp.asarray(w), jnp.asarray(nbr))
+  dw = kernels.cpu_kernel_grad(jnp.asarray(x), jnp.asarray(ct), jnp.asarray(nbr))
+  assert np.array_equal(np.asarray(y), one["y"]) and np.array_equal(np.asarray(dw), one["dw"])
