@@ -79,34 +79,44 @@ __attribute__((target("avx2,fma"))) void row_update_cols_avx2(float* acc, const 
 }
 #endif
 
+// acc[0, cout) += xr[0, k) @ ws (k x cout, row stride cout): AVX2 when the CPU has it.
+void row_update(float* acc, const float* xr, const float* ws, int k, int cout, bool avx2) {
+#ifdef JSC_X86
+  if (avx2) {
+    row_update_cols_avx2(acc, xr, ws, k, cout);
+    return;
+  }
+#endif
+  (void)avx2;
+  row_update_scalar(acc, xr, ws, k, cout, cout);
+}
+
+// One op over a kernel map: x (n, cin), nbr (m, s); `b` is w (s, cin, cout) for the
+// gather-matmul and ct (m, cout) for the kernel gradient; `out` is y or dw.
 struct Problem {
   const float* x;
-  const float* w;
+  const float* b;
   const int32_t* nbr;
-  float* y;
+  float* out;
   int64_t n, m;
   int s, cin, cout;
 };
+
+inline ffi::Error invalid(const std::string& what) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jax_sparseconv cpu kernels: " + what);
+}
 
 void rows(const Problem& p, int64_t begin, int64_t end, bool avx2) {
   const int64_t wstride = int64_t(p.cin) * p.cout;
   for (int64_t m0 = begin; m0 < end; m0 += kTileRows) {
     const int64_t m1 = std::min(end, m0 + kTileRows);
-    std::memset(p.y + m0 * p.cout, 0, sizeof(float) * (m1 - m0) * p.cout);
+    std::memset(p.out + m0 * p.cout, 0, sizeof(float) * (m1 - m0) * p.cout);
     for (int s = 0; s < p.s; ++s) {
-      const float* ws = p.w + s * wstride;
+      const float* ws = p.b + s * wstride;
       for (int64_t r = m0; r < m1; ++r) {
         const int32_t j = p.nbr[r * p.s + s];
         if (j < 0 || j >= p.n) continue;  // no neighbour (sentinel, or out of range)
-        float* acc = p.y + r * p.cout;
-        const float* xr = p.x + int64_t(j) * p.cin;
-#ifdef JSC_X86
-        if (avx2) {
-          row_update_cols_avx2(acc, xr, ws, p.cin, p.cout);
-          continue;
-        }
-#endif
-        row_update_scalar(acc, xr, ws, p.cin, p.cout, p.cout);
+        row_update(p.out + r * p.cout, p.x + int64_t(j) * p.cin, ws, p.cin, p.cout, avx2);
       }
     }
   }
@@ -152,8 +162,7 @@ ffi::Error GatherMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   auto xd = x.dimensions(), wd = w.dimensions(), nd = nbr.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || nd.size() != 2 || yd.size() != 2 || wd[1] != xd[1] ||
       nd[1] != wd[0] || yd[0] != nd[0] || yd[1] != wd[2]) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "jax_sparseconv cpu gather_matmul: inconsistent shapes");
+    return invalid("gather_matmul: inconsistent shapes");
   }
   Problem p{x.typed_data(), w.typed_data(), nbr.typed_data(), y->typed_data(),
             xd[0],          nd[0],          int(wd[0]),       int(xd[1]),
@@ -165,9 +174,8 @@ ffi::Error GatherMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 
 
 // ---------------------------------------------------------------- kernel gradient
-// dw[s] = sum_m x[nbr[m, s]]^T ct[m]; and two pieces of the neighbour search: the
-// sort of the input keys and the kernel map's inverse. Threads own whole slots (slot t, t + T, ...). For
-// each slot the pairs that exist are taken in row order, kPairs at a time, gathered into
+// dw[s] = sum_m x[nbr[m, s]]^T ct[m]. Threads own whole slots (slot t, t + T, ...). For each
+// slot the pairs that exist are taken in row order, kPairs at a time, gathered into
 // contiguous blocks X^T (Cin x kPairs) and G (kPairs x Cout) that stay in L1, and
 // dw[s] += X^T G is computed row by row with the forward's row update.
 // The summation order (chunks in row order, pairs in order) is fixed.
@@ -178,15 +186,7 @@ constexpr int kPairs = 32;
 void outer_accumulate(float* dw, const float* xt, const float* gs, int pairs, int cin, int cout,
                       bool avx2) {
   for (int i = 0; i < cin; ++i) {
-    float* acc = dw + int64_t(i) * cout;
-    const float* xr = xt + int64_t(i) * kPairs;
-#ifdef JSC_X86
-    if (avx2) {
-      row_update_cols_avx2(acc, xr, gs, pairs, cout);
-      continue;
-    }
-#endif
-    row_update_scalar(acc, xr, gs, pairs, cout, cout);
+    row_update(dw + int64_t(i) * cout, xt + int64_t(i) * kPairs, gs, pairs, cout, avx2);
   }
 }
 
@@ -221,16 +221,7 @@ __attribute__((target("avx2,fma"))) void gather_transposed8_avx2(
 }
 #endif
 
-struct GradProblem {
-  const float* x;
-  const float* ct;
-  const int32_t* nbr;
-  float* dw;
-  int64_t n, m;
-  int s, cin, cout;
-};
-
-void grad_slots(const GradProblem& p, int first, int step, bool avx2) {
+void grad_slots(const Problem& p, int first, int step, bool avx2) {
   // The pairs of this thread's slots, in row order: one pass over the map.
   std::vector<std::vector<std::pair<int32_t, int32_t>>> lists((p.s - first + step - 1) / step);
   for (int64_t r = 0; r < p.m; ++r) {
@@ -242,7 +233,7 @@ void grad_slots(const GradProblem& p, int first, int step, bool avx2) {
   }
   std::vector<float> xt(size_t(kPairs) * p.cin), gs(size_t(kPairs) * p.cout);
   for (int s = first, k = 0; s < p.s; s += step, ++k) {
-    float* dw = p.dw + int64_t(s) * p.cin * p.cout;
+    float* dw = p.out + int64_t(s) * p.cin * p.cout;
     std::fill(dw, dw + int64_t(p.cin) * p.cout, 0.0f);
     const auto& pairs = lists[k];
     for (size_t q0 = 0; q0 < pairs.size(); q0 += kPairs) {
@@ -259,7 +250,7 @@ void grad_slots(const GradProblem& p, int first, int step, bool avx2) {
         for (int i = 0; i < p.cin; ++i) xt[size_t(i) * kPairs + q] = xr[i];
       }
       for (q = 0; q < count; ++q) {
-        std::memcpy(&gs[size_t(q) * p.cout], p.ct + int64_t(chunk[q].first) * p.cout,
+        std::memcpy(&gs[size_t(q) * p.cout], p.b + int64_t(chunk[q].first) * p.cout,
                     sizeof(float) * p.cout);
       }
       outer_accumulate(dw, xt.data(), gs.data(), count, p.cin, p.cout, avx2);
@@ -273,12 +264,11 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ct,
   auto xd = x.dimensions(), cd = ct.dimensions(), nd = nbr.dimensions(), dd = dw->dimensions();
   if (xd.size() != 2 || cd.size() != 2 || nd.size() != 2 || dd.size() != 3 || nd[0] != cd[0] ||
       dd[0] != nd[1] || dd[1] != xd[1] || dd[2] != cd[1]) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "jax_sparseconv cpu kernel_grad: inconsistent shapes");
+    return invalid("kernel_grad: inconsistent shapes");
   }
-  GradProblem p{x.typed_data(), ct.typed_data(), nbr.typed_data(), dw->typed_data(),
-                xd[0],          cd[0],          int(nd[1]),        int(xd[1]),
-                int(cd[1])};
+  Problem p{x.typed_data(), ct.typed_data(), nbr.typed_data(), dw->typed_data(),
+            xd[0],          cd[0],          int(nd[1]),        int(xd[1]),
+            int(cd[1])};
   if (p.s == 0 || p.cin == 0 || p.cout == 0) return ffi::Error::Success();
   const bool avx2 = has_avx2();
   const int threads = num_threads(p.m, p.s);
@@ -302,11 +292,10 @@ ffi::Error Invert(ffi::Buffer<ffi::S32> nbr, ffi::Result<ffi::Buffer<ffi::S32>> 
     batch *= nd[k];
   }
   if (!ok) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "jax_sparseconv cpu invert: inconsistent shapes");
+    return invalid("invert: inconsistent shapes");
   }
   const int64_t m = nd[rank - 2], s = nd[rank - 1], n = id[rank - 2];
-  if (m >= INT32_MAX) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "too many rows");
+  if (m >= INT32_MAX) return invalid("invert: too many rows");
   const int32_t* src = nbr.typed_data();
   int32_t* dst = inv->typed_data();
   bool* uniq = unique->typed_data();
@@ -355,11 +344,10 @@ ffi::Error SortKeys(ffi::Buffer<ffi::U32> hi, ffi::Buffer<ffi::U32> lo,
   };
   if (d.size() < 1 || !same(lo.dimensions()) || !same(hi_out->dimensions()) ||
       !same(lo_out->dimensions()) || !same(perm->dimensions())) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "jax_sparseconv cpu sort_keys: inconsistent shapes");
+    return invalid("sort_keys: inconsistent shapes");
   }
   const int64_t n = d[d.size() - 1];
-  if (n >= INT32_MAX) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "too many keys");
+  if (n >= INT32_MAX) return invalid("sort_keys: too many keys");
   const int64_t batch = n == 0 ? 0 : int64_t(hi.element_count()) / n;
   std::vector<uint64_t> key(n), key2(n);
   std::vector<int32_t> idx(n), idx2(n);

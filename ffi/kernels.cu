@@ -311,21 +311,20 @@ bool by_dtype(ffi::DataType t, F&& f) {
   }
 }
 
+// float32/float64 on the CUDA cores, float16/bfloat16 on the tensor cores.
 template <class T>
-void gather_matmul_launch(jsc_stream_t stream, bool mma, const void* x, const void* w,
-                          const int32_t* nbr, void* y, int64_t n, int64_t m, int s, int cin,
-                          int cout) {
+void gather_matmul_launch(jsc_stream_t stream, const void* x, const void* w, const int32_t* nbr,
+                          void* y, int64_t n, int64_t m, int s, int cin, int cout) {
   const dim3 grid(unsigned(ceil_div(m, BM)), unsigned(ceil_div(cout, BN)));
-  if (mma) {
-    if constexpr (!std::is_same<T, float>::value && !std::is_same<T, double>::value) {
-      JSC_LAUNCH(gather_matmul_mma<T>, grid, dim3(kThreads), stream, static_cast<const T*>(x),
-                 static_cast<const T*>(w), nbr, static_cast<T*>(y), n, m, s, cin, cout);
-    }
+  const T* xt = static_cast<const T*>(x);
+  const T* wt = static_cast<const T*>(w);
+  T* yt = static_cast<T*>(y);
+  if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value) {
+    JSC_LAUNCH(gather_matmul_simt<T>, grid, dim3(kThreads), stream, xt, wt, nbr, yt, n, m, s,
+               cin, cout);
   } else {
-    if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value) {
-      JSC_LAUNCH(gather_matmul_simt<T>, grid, dim3(kThreads), stream, static_cast<const T*>(x),
-                 static_cast<const T*>(w), nbr, static_cast<T*>(y), n, m, s, cin, cout);
-    }
+    JSC_LAUNCH(gather_matmul_mma<T>, grid, dim3(kThreads), stream, xt, wt, nbr, yt, n, m, s, cin,
+               cout);
   }
 }
 
@@ -349,10 +348,9 @@ ffi::Error GatherMatmul(jsc_stream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w,
   if (m == 0 || cout == 0) return ffi::Error::Success();
   const int32_t* idx = nbr.typed_data();
   const bool ok = by_dtype(t, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    const bool mma = !std::is_same<T, float>::value && !std::is_same<T, double>::value;
-    gather_matmul_launch<T>(stream, mma, x.untyped_data(), w.untyped_data(), idx,
-                            y->untyped_data(), n, m, int(s), int(cin), int(cout));
+    gather_matmul_launch<typename decltype(tag)::type>(stream, x.untyped_data(),
+                                                      w.untyped_data(), idx, y->untyped_data(),
+                                                      n, m, int(s), int(cin), int(cout));
   });
   if (!ok) return invalid("gather_matmul: dtype must be float16, bfloat16, float32 or float64");
   return launched();

@@ -134,17 +134,11 @@ def _abstract_eval(x, w, nbr, inv, unique, *, out_dtype):
 
 
 def _lowered(x, w, nbr, inv, unique, *, out_dtype):
-  def by_kernel(x, w, nbr, inv, unique):
-    del inv, unique
-    return kernels.gather_matmul(x, w, nbr, out_dtype)
-
-  def by_cpu_kernel(x, w, nbr, inv, unique):
-    del inv, unique
-    return kernels.cpu_gather_matmul(x, w, nbr)
-
+  del inv, unique  # for the transpose rules only
   f32 = all(jnp.dtype(t) == jnp.float32 for t in (x.dtype, w.dtype, out_dtype))
-  return kernels.dispatch(functools.partial(_impl, out_dtype=out_dtype), by_kernel,
-                          x, w, nbr, inv, unique, cpu_fn=by_cpu_kernel if f32 else None)
+  return kernels.dispatch(lambda x, w, nbr: _impl(x, w, nbr, None, None, out_dtype=out_dtype),
+                          lambda x, w, nbr: kernels.gather_matmul(x, w, nbr, out_dtype),
+                          x, w, nbr, cpu_fn=kernels.cpu_gather_matmul if f32 else None)
 
 
 def _define(name, lowered, abstract_eval, param, bind):
@@ -225,18 +219,11 @@ def kernel_grad(x, ct, nbr, inv, unique, w_dtype):
 
 
 def _kernel_grad_lowered(x, ct, nbr, inv, unique, *, w_dtype):
-  def by_jnp(x, ct, nbr, inv, unique):
-    return _kernel_grad(x, ct, nbr, w_dtype)
-
-  def by_kernel(x, ct, nbr, inv, unique):
-    return kernels.kernel_grad(x, ct, nbr, w_dtype)
-
-  def by_cpu_kernel(x, ct, nbr, inv, unique):
-    return kernels.cpu_kernel_grad(x, ct, nbr)
-
+  del inv, unique  # for the transpose rules only
   f32 = all(jnp.dtype(t) == jnp.float32 for t in (x.dtype, ct.dtype, w_dtype))
-  return kernels.dispatch(by_jnp, by_kernel, x, ct, nbr, inv, unique,
-                          cpu_fn=by_cpu_kernel if f32 else None)
+  return kernels.dispatch(lambda x, ct, nbr: _kernel_grad(x, ct, nbr, w_dtype),
+                          lambda x, ct, nbr: kernels.kernel_grad(x, ct, nbr, w_dtype),
+                          x, ct, nbr, cpu_fn=kernels.cpu_kernel_grad if f32 else None)
 
 
 def _kernel_grad_abstract_eval(x, ct, nbr, inv, unique, *, w_dtype):
