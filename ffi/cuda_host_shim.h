@@ -1,4 +1,4 @@
-// Host shim: lets g++ compile the unchanged CUDA source (kernels.cu) into a CPU library.
+// Host shim: lets g++ compile the unchanged CUDA source (conv_cuda.cu) into a CPU library.
 //
 // The kernels keep their per-thread work in __host__ __device__ functions; this header
 // supplies what the CUDA compiler would: the qualifiers, dim3, threadIdx/blockIdx/
@@ -19,6 +19,26 @@
 // shared memory as long as kernels touch fragments only through load/mma/store/fill
 // (they do). Accumulation is float32 in k order; tensor cores may round the inner sums
 // differently, so half-type results are compared with a tolerance.
+//
+// Checks, so that CI catches what only hardware would (each fails on a planted bug in
+// tests/test_shim_modes.py):
+// * launch limits: gridDim.x in [1, 2^31 - 1], .y and .z in [1, 65535], blockDim.x/.y <= 1024,
+//   .z <= 64, at most 1024 threads and none zero. A launch outside them runs nothing and
+//   leaves "invalid configuration argument" for JSC_CHECK_LAUNCH(), as cudaGetLastError would.
+// * WMMA load/store: the pointer 32-byte aligned, ldm a multiple of 16 bytes (8 half /
+//   4 float elements) and at least the tile's width; otherwise abort (undefined on a GPU).
+// * $JSC_SHIM_MODE, read at every launch, comma-separated:
+//     reverse  run the threads of each barrier interval in reverse order (thread order
+//              hides a race in which a lower thread writes what a higher one reads before
+//              the barrier);
+//     poison   fill the kernels' shared memory (declared with JSC_SHARED) with 0xFF bytes
+//              (NaN in every float type, -1 in integers) at the start of every block: on
+//              a GPU it is undefined there, while here it would keep the previous block's
+//              values.
+//   An unknown word aborts. tests/test_shim_modes.py reruns the kernel tests under
+//   JSC_SHIM_MODE=reverse,poison.
+// * Shared memory: JSC_SHARED(type, name, dims) declares it (a plain __shared__ also
+//   compiles, but is not poisoned; conv_cuda.cu uses JSC_SHARED only).
 #pragma once
 
 // Fibers switch with _setjmp/_longjmp (no signal-mask system call, unlike swapcontext);
@@ -34,6 +54,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -51,6 +72,99 @@ struct dim3 {
 };
 
 namespace jsc_shim {
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "jax_sparseconv host shim: %s\n", what);
+  std::abort();
+}
+
+// ---- checking modes ($JSC_SHIM_MODE) ----
+struct Mode {
+  bool reverse = false;
+  bool poison = false;
+};
+
+inline Mode parse_mode(const char* text) {
+  Mode m;
+  if (text == nullptr) return m;
+  std::string s(text);
+  size_t start = 0;
+  while (start <= s.size()) {
+    size_t end = s.find(',', start);
+    if (end == std::string::npos) end = s.size();
+    const std::string word = s.substr(start, end - start);
+    if (word == "reverse") {
+      m.reverse = true;
+    } else if (word == "poison") {
+      m.poison = true;
+    } else if (!word.empty()) {
+      std::fprintf(stderr, "jax_sparseconv host shim: JSC_SHIM_MODE=%s: unknown mode '%s' "
+                   "(use reverse, poison or both, comma-separated)\n", text, word.c_str());
+      std::abort();
+    }
+    start = end + 1;
+  }
+  return m;
+}
+
+inline Mode mode_from_env() { return parse_mode(std::getenv("JSC_SHIM_MODE")); }
+
+// ---- shared memory that poison mode fills (JSC_SHARED registers it) ----
+struct SharedRegion {
+  void* p;
+  size_t bytes;
+};
+constexpr unsigned char kPoisonByte = 0xFF;
+inline thread_local std::vector<SharedRegion> g_shared;  // this thread's, every kernel
+inline thread_local bool g_poison = false;               // the running launch's mode
+
+inline void poison_shared() {
+  for (const SharedRegion& r : g_shared) std::memset(r.p, kPoisonByte, r.bytes);
+}
+
+// Registers one __shared__ variable when a thread first passes its declaration (and
+// poisons it then: the first block runs before the next block start).
+struct SharedReg {
+  SharedReg(void* p, size_t bytes) {
+    g_shared.push_back({p, bytes});
+    if (g_poison) std::memset(p, kPoisonByte, bytes);
+  }
+};
+
+// ---- the error a launch leaves for JSC_CHECK_LAUNCH (cudaGetLastError) ----
+inline thread_local std::string g_launch_error;
+
+inline const char* take_launch_error() {
+  static thread_local std::string taken;
+  if (g_launch_error.empty()) return nullptr;
+  taken.swap(g_launch_error);
+  g_launch_error.clear();
+  return taken.c_str();
+}
+
+// The launch limits of every GPU since compute capability 3.0; empty when within them.
+inline std::string launch_config_error(dim3 grid, dim3 block) {
+  char buf[200];
+  const unsigned long long threads = 1ull * block.x * block.y * block.z;
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) {
+    std::snprintf(buf, sizeof(buf), "gridDim (%u, %u, %u) has a zero dimension", grid.x,
+                  grid.y, grid.z);
+  } else if (grid.x > 2147483647u || grid.y > 65535u || grid.z > 65535u) {
+    std::snprintf(buf, sizeof(buf),
+                  "gridDim (%u, %u, %u) exceeds (2^31 - 1, 65535, 65535)", grid.x, grid.y,
+                  grid.z);
+  } else if (threads == 0) {
+    std::snprintf(buf, sizeof(buf), "blockDim (%u, %u, %u) has a zero dimension", block.x,
+                  block.y, block.z);
+  } else if (block.x > 1024 || block.y > 1024 || block.z > 64 || threads > 1024) {
+    std::snprintf(buf, sizeof(buf),
+                  "blockDim (%u, %u, %u) exceeds (1024, 1024, 64) or 1024 threads", block.x,
+                  block.y, block.z);
+  } else {
+    return std::string();
+  }
+  return std::string("invalid configuration argument (host shim: ") + buf + ")";
+}
 
 struct Fiber {
   ucontext_t ctx;  // the start (makecontext); later switches use jb
@@ -71,6 +185,7 @@ struct Block {
   int barrier_result = 0;
   void (*body)(void*) = nullptr;
   void* arg = nullptr;
+  bool reverse = false;  // fibers of each interval in reverse thread order
 };
 
 inline thread_local Block* g_block = nullptr;
@@ -114,7 +229,8 @@ inline void run_block(Block& b) {
   for (;;) {
     size_t finished = 0, waiting = 0;
     int any = 0;
-    for (Fiber& f : b.fibers) {
+    for (size_t i = 0; i < n; ++i) {
+      Fiber& f = b.fibers[b.reverse ? n - 1 - i : i];
       if (!f.done) {
         f.at_barrier = false;
         b.cur = &f;
@@ -150,12 +266,23 @@ void trampoline(void* p) {
   (*static_cast<F*>(p))();
 }
 
-// kernel<<<grid, block>>>(args...): every block in turn, x fastest.
+// kernel<<<grid, block>>>(args...): every block in turn, x fastest; nothing (and an error
+// for JSC_CHECK_LAUNCH) outside the launch limits.
 template <class... P, class... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 bdim, A... args) {
+  std::string err = launch_config_error(grid, bdim);
+  if (!err.empty()) {
+    std::fprintf(stderr, "jax_sparseconv host shim: %s\n", err.c_str());
+    if (g_launch_error.empty()) g_launch_error = err;  // the first error, as CUDA keeps it
+    return;
+  }
+  const Mode mode = mode_from_env();
+  const bool saved_poison = g_poison;
+  g_poison = mode.poison;
   Block b;
   b.bdim = bdim;
   b.gdim = grid;
+  b.reverse = mode.reverse;
   auto call = [&]() { kernel(args...); };
   b.body = &trampoline<decltype(call)>;
   b.arg = &call;
@@ -165,9 +292,18 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 bdim, A... args) {
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         b.bid = dim3(x, y, z);
+        if (mode.poison) poison_shared();
         run_block(b);
       }
   g_block = saved;
+  g_poison = saved_poison;
+}
+
+// The compute capability the kernels' host code sees (the device's on a GPU): 90, or
+// $JSC_SHIM_CC (e.g. 75, to run the paths of GPUs without bf16 tensor cores).
+inline int compute_capability() {
+  const char* cc = std::getenv("JSC_SHIM_CC");
+  return cc != nullptr && *cc != 0 ? std::atoi(cc) : 90;
 }
 
 inline unsigned lane_id() {
@@ -185,12 +321,18 @@ inline unsigned lane_id() {
 
 inline void __syncthreads() { jsc_shim::barrier(0); }
 inline int __syncthreads_or(int pred) { return jsc_shim::barrier(pred); }
+[[noreturn]] inline void __trap() { jsc_shim::fail("__trap() in a kernel"); }
+
+// Shared memory, as the kernels declare it: JSC_SHARED(type, name, dims);
+#define JSC_SHARED(type, name, dims) \
+  static thread_local type name dims;  \
+  static thread_local ::jsc_shim::SharedReg name##_jsc_shared_reg(&name, sizeof(name))
 
 // Stream and launch as the kernels spell them.
 using jsc_stream_t = int;
 #define JSC_LAUNCH(kernel, grid, block, stream, ...) \
   ((void)(stream), ::jsc_shim::launch(kernel, grid, block, __VA_ARGS__))
-#define JSC_CHECK_LAUNCH() (static_cast<const char*>(nullptr))
+#define JSC_CHECK_LAUNCH() (::jsc_shim::take_launch_error())
 
 // ---- half types: storage plus round-to-nearest-even conversions, as cuda_fp16/bf16 ----
 struct __half {
@@ -250,11 +392,30 @@ inline float to_float(float v) { return v; }
 inline float to_float(__half v) { return __half2float(v); }
 inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// What the CUDA programming guide requires of load/store_matrix_sync: mptr 256-bit (32-byte)
+// aligned, ldm a multiple of 8 for 16-bit elements and of 4 for float (16 bytes), and
+// (for the tile to fit) ldm at least the width of the stored rows or columns.
+inline void check_matrix_ptr(const char* op, const void* p, unsigned ldm, size_t elem_bytes,
+                             unsigned width) {
+  char buf[240];
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) {
+    std::snprintf(buf, sizeof(buf), "wmma::%s: pointer %p is not 32-byte aligned", op, p);
+    jsc_shim::fail(buf);
+  }
+  if ((ldm * elem_bytes) % 16 != 0 || ldm < width) {
+    std::snprintf(buf, sizeof(buf),
+                  "wmma::%s: ldm = %u must be a multiple of %zu elements (16 bytes) and >= %u",
+                  op, ldm, 16 / elem_bytes, width);
+    jsc_shim::fail(buf);
+  }
+}
+
 template <class Use, int M, int N, int K, class T, class Layout, class S>
 void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const S* p, unsigned ldm) {
   if (jsc_shim::lane_id() != 0) return;
   using F = fragment<Use, M, N, K, T, Layout>;
   constexpr bool col = std::is_same<Layout, col_major>::value;
+  check_matrix_ptr("load_matrix_sync", p, ldm, sizeof(S), col ? F::rows : F::cols);
   for (int r = 0; r < F::rows; ++r)
     for (int c = 0; c < F::cols; ++c)
       f.v[r * F::cols + c] = to_float(col ? p[c * ldm + r] : p[r * ldm + c]);
@@ -284,6 +445,7 @@ template <int M, int N, int K>
 void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
                        layout_t layout) {
   if (jsc_shim::lane_id() != 0) return;
+  check_matrix_ptr("store_matrix_sync", p, ldm, sizeof(float), layout == mem_row_major ? N : M);
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j)
       (layout == mem_row_major ? p[i * ldm + j] : p[j * ldm + i]) = f.v[i * N + j];

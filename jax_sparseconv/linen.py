@@ -22,8 +22,9 @@ from flax.linen.dtypes import promote_dtype
 
 from jax_sparseconv._src import checks
 from jax_sparseconv._src.conv import sparse_conv, sparse_conv_transpose
+from jax_sparseconv._src.tensor import SparseTensor
 
-__all__ = ["SparseConv", "SparseConvTranspose", "uniform_init"]
+__all__ = ["SparseConv", "SparseConvTranspose", "SubMConv", "DownConv", "UpConv", "uniform_init"]
 
 
 def uniform_init(scale: float = 0.05) -> Callable:
@@ -125,3 +126,59 @@ class SparseConvTranspose(_SparseConvLayer):
     """Returns ``(num_out, filters)``; see :func:`jax_sparseconv.sparse_conv_transpose`."""
     return self._run(sparse_conv_transpose, feats, inp_positions, out_positions, voxel_size,
                      out_importance, kernel_map, "out_importance")
+
+
+# ------------------------------------------------------- layers over SparseTensor levels
+# spconv-style: a layer takes and returns a SparseTensor, using the maps it carries.
+# Same fields, parameters and maths as the two layers above (they call them).
+
+
+class SubMConv(SparseConv):
+  """Submanifold conv on a :class:`~jax_sparseconv.SparseTensor` (spconv's
+  ``SubMConv3d``): outputs at the input voxels, through the tensor's cached map
+  (``t.with_kernel_map(kernel_size)``; built on the fly otherwise).
+
+  Example usage::
+
+    >>> import jax, jax.numpy as jnp, jax_sparseconv as sc
+    >>> from jax_sparseconv.linen import SubMConv
+    >>> pts = jnp.array([[0.1, 0.1, 0.1], [0.3, 0.1, 0.1], [0.9, 0.9, 0.1]])
+    >>> t = sc.SparseTensor.from_points(pts, jnp.ones((3, 4)), 0.25).with_kernel_map(3)
+    >>> layer = SubMConv(filters=8)
+    >>> variables = layer.init(jax.random.key(0), t)
+    >>> layer.apply(variables, t).feats.shape
+    (3, 8)
+  """
+
+  @nn.compact
+  def __call__(self, t: SparseTensor, inp_importance=None) -> SparseTensor:
+    km = t.kernel_map(checks.normalize_kernel_size(self.kernel_size))
+    y = self._run(sparse_conv, t.feats, t.positions, t.positions, t.voxel_size, inp_importance,
+                  km, "inp_importance")
+    return t.replace(feats=y)
+
+
+class DownConv(SparseConv):
+  """Strided conv from a level to its coarse level (spconv's ``SparseConv3d(k=2, s=2)``),
+  through ``coarse.maps["down"]`` (made by ``fine.down()``); ``kernel_size`` must match
+  the one given to ``down`` (default 2). Returns ``coarse`` with the new features."""
+  kernel_size: int | Sequence[int] = 2
+
+  @nn.compact
+  def __call__(self, fine: SparseTensor, coarse: SparseTensor) -> SparseTensor:
+    y = self._run(sparse_conv, fine.feats, fine.positions, coarse.positions, fine.voxel_size,
+                  None, coarse.maps["down"], "inp_importance")
+    return coarse.replace(feats=y)
+
+
+class UpConv(SparseConvTranspose):
+  """Transposed conv from a coarse level back to its fine level (spconv's
+  ``SparseInverseConv3d``), through ``coarse.maps["up"]`` (the down map's transpose: no
+  second search). Returns ``fine`` with the new features."""
+  kernel_size: int | Sequence[int] = 2
+
+  @nn.compact
+  def __call__(self, coarse: SparseTensor, fine: SparseTensor) -> SparseTensor:
+    y = self._run(sparse_conv_transpose, coarse.feats, coarse.positions, fine.positions,
+                  fine.voxel_size, None, coarse.maps["up"], "out_importance")
+    return fine.replace(feats=y)

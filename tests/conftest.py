@@ -71,7 +71,16 @@ KERNEL_BACKENDS = ["jnp", "auto"] if jax.default_backend() == "gpu" else ["auto"
 def kernel_backend(request):
   """Runs a module's tests once per backend of ``KERNEL_BACKENDS``. Module scope: one
   cache clear per switch."""
-  from jax_sparseconv._src import kernels
-  previous = kernels.set_kernel_backend(request.param)
+  import jax_sparseconv as sc
+  previous = sc.set_kernel_backend(request.param)
   yield request.param
-  kernels.set_kernel_backend(previous)
+  sc.set_kernel_backend(previous)
+
+
+@pytest.fixture
+def flag_errors():
+  """Error mode "flag" (no raising host callback under jit): flags and NaN poison only."""
+  import jax_sparseconv as sc
+  previous = sc.set_error_mode("flag")
+  yield
+  sc.set_error_mode(previous)

@@ -77,8 +77,11 @@ def test_build_kernel_map_arguments():
                         out_batch=np.zeros(3, np.int32))
 
 
-def test_traced_bad_voxel_size_gives_nan():
+def test_traced_bad_voxel_size_raises_or_gives_nan(flag_errors):
   y = jax.jit(lambda vs: conv(voxel_size=vs))(jnp.float32(-1.0))
   assert np.all(np.isnan(y))
+  sc.set_error_mode("raise")
+  with pytest.raises(Exception, match="voxel_size is not positive"):
+    jax.jit(lambda vs: conv(voxel_size=vs))(jnp.float32(-1.0))
   y = jax.jit(lambda vs: conv(voxel_size=vs))(jnp.float32(1.0))
   assert np.all(np.isfinite(y))

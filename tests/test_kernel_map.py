@@ -11,7 +11,10 @@ from hypothesis import given, settings, strategies as st
 
 import jax_sparseconv as sc
 from jax_sparseconv import reference
-from jax_sparseconv._src.kernel_map import DUPLICATE_INPUT, NONFINITE_POSITION, OUT_OF_RANGE
+from jax_sparseconv import ErrorCode
+
+DUPLICATE_INPUT, NONFINITE_POSITION, OUT_OF_RANGE = (
+    ErrorCode.DUPLICATE_INPUT, ErrorCode.NONFINITE_POSITION, ErrorCode.OUT_OF_RANGE)
 
 from conftest import lattice_cloud
 
@@ -71,7 +74,7 @@ def test_span_beyond_1024_voxels_without_x64():
   assert map_as_sets(km) == [[0, 1], [0, 1], [2, 3], [2, 3], [4, 5], [4, 5]]
 
 
-def test_out_of_range_is_an_error_and_a_flag_under_jit():
+def test_out_of_range_is_an_error_and_a_flag_under_jit(flag_errors):
   pos = np.array([[0.5, 0.5, 0.5], [2**20 + 0.5, 0.5, 0.5]], np.float32)
   with pytest.raises(ValueError, match="span"):
     sc.build_kernel_map(pos, pos, 1.0, 3)
@@ -82,7 +85,7 @@ def test_out_of_range_is_an_error_and_a_flag_under_jit():
   assert np.all(np.isnan(y))
 
 
-def test_duplicates_error_flag_and_unique_helper(rng):
+def test_duplicates_error_flag_and_unique_helper(rng, flag_errors):
   pos = lattice_cloud(rng, 40, extent=5, voxel_size=1.0)
   dup = np.concatenate([pos, pos[:3]])
   with pytest.raises(ValueError, match="unique_voxels"):
@@ -96,7 +99,7 @@ def test_duplicates_error_flag_and_unique_helper(rng):
   sc.build_kernel_map(dup, pos, 1.0, 3, in_valid=len(pos))
 
 
-def test_nan_positions_error_and_nan_outputs_under_jit(rng):
+def test_nan_positions_error_and_nan_outputs_under_jit(rng, flag_errors):
   pos = lattice_cloud(rng, 20, extent=4, voxel_size=1.0)
   bad = pos.copy()
   bad[3, 1] = np.nan
@@ -144,7 +147,7 @@ def test_packed_batch_never_crosses_clouds(rng):
                          ids=["bitmap", "bucket-search", "wide-bucket-search"])
 def test_both_lookup_paths_match_brute_force(rng, extent, bitmap):
   """Small spans use the O(1) bucket bitmap, wide ones a binary search per bucket."""
-  from jax_sparseconv._src.kernel_map import _bucket_bits
+  from jax_sparseconv._src.lookup import bucket_bits
   n = 400
   flat = rng.choice(extent**3, size=n, replace=False)
   idx = np.stack(np.unravel_index(flat, (extent,) * 3), axis=1)
@@ -153,4 +156,4 @@ def test_both_lookup_paths_match_brute_force(rng, extent, bitmap):
   expect = reference.brute_force_neighbors(pos, pos[:300], 0.1, (3, 3, 3))
   assert map_as_sets(km) == [sorted(int(i) for i in e) for e in expect]
   code_bits = 3 * int(extent + 2).bit_length()
-  assert (code_bits - _bucket_bits(n) <= 5) == bitmap  # the path this case is meant to test
+  assert (code_bits - bucket_bits(n) <= 5) == bitmap  # the path this case is meant to test

@@ -1,7 +1,7 @@
 """The implementations of the conv's inner ops, op by op, against NumPy loops.
 
-"kernels" is ffi/kernels.cu: on a CPU-only machine the host build of the CUDA source
-(the shim), on a GPU the CUDA build. "cpu" is the native CPU kernel (ffi/cpu_kernels.cc,
+"kernels" is ffi/conv_cuda.cu: on a CPU-only machine the host build of the CUDA source
+(the shim), on a GPU the CUDA build. "cpu" is the native CPU kernel (ffi/conv_cpu.cc,
 float32), "jnp" the jnp implementation. Sizes straddle the 64 x 64 tiles (and the CPU
 kernel's 64-column and 8-column blocks), maps have absent entries, out-of-range entries
 and slots with no neighbour in a whole tile (the skipped tiles).
@@ -19,7 +19,7 @@ import pytest
 
 import jax_sparseconv as sc
 from jax_sparseconv._src import gather_matmul as gm
-from jax_sparseconv._src import kernels
+from jax_sparseconv._src import backend, ffi
 
 from conftest import lattice_cloud, rel_err, x64
 
@@ -28,9 +28,9 @@ TOLS = {"float64": 1e-12, "float32": 2e-6, "bfloat16": 1.5e-2, "float16": 2e-3}
 
 @pytest.fixture
 def on_kernels():
-  previous = kernels.set_kernel_backend("host")
+  previous = backend.set_kernel_backend("host")
   yield
-  kernels.set_kernel_backend(previous)
+  backend.set_kernel_backend(previous)
 
 
 def random_map(rng, n, m, s, absent=0.5):
@@ -76,7 +76,7 @@ def _inputs(rng, dtype, n, m, s, cin, cout):
 
 def _jnp_gather_matmul(x, w, nbr, dtype):
   nbr = jnp.where((nbr < 0) | (nbr > x.shape[0]), x.shape[0], nbr)  # jnp wants the sentinel
-  return gm._impl(x, w, nbr, None, None, out_dtype=dtype)
+  return gm.gather_matmul_jnp(x, w, nbr, dtype)
 
 
 def _skip_unless_cpu_float32(dtype):
@@ -87,10 +87,10 @@ def _skip_unless_cpu_float32(dtype):
 
 def _cpu_gather_matmul(x, w, nbr, dtype):
   _skip_unless_cpu_float32(dtype)
-  return kernels.cpu_gather_matmul(x, w, nbr)
+  return ffi.cpu_gather_matmul(x, w, nbr)
 
 
-IMPLS = {"kernels": kernels.gather_matmul, "cpu": _cpu_gather_matmul, "jnp": _jnp_gather_matmul}
+IMPLS = {"kernels": ffi.gather_matmul, "cpu": _cpu_gather_matmul, "jnp": _jnp_gather_matmul}
 
 
 def impl_dtype_params(impls, dtypes):
@@ -119,15 +119,15 @@ def test_gather_matmul_matches_loop(rng, on_kernels, impl, dtype, shape):
 
 def _cpu_kernel_grad(x, ct, nbr, dtype):
   _skip_unless_cpu_float32(dtype)
-  return kernels.cpu_kernel_grad(x, ct, nbr)
+  return ffi.cpu_kernel_grad(x, ct, nbr)
 
 
 def _jnp_kernel_grad(x, ct, nbr, dtype):
   nbr = jnp.where((nbr < 0) | (nbr > x.shape[0]), x.shape[0], nbr)
-  return gm._kernel_grad(x, ct, nbr, dtype)
+  return gm.kernel_grad_jnp(x, ct, nbr, dtype)
 
 
-GRAD_IMPLS = {"kernels": kernels.kernel_grad, "cpu": _cpu_kernel_grad, "jnp": _jnp_kernel_grad}
+GRAD_IMPLS = {"kernels": ffi.kernel_grad, "cpu": _cpu_kernel_grad, "jnp": _jnp_kernel_grad}
 
 
 @pytest.mark.parametrize("impl,dtype",
@@ -139,7 +139,7 @@ def test_kernel_grad_matches_loop(rng, on_kernels, monkeypatch, impl, dtype, sha
   n, m, s, cin, cout = shape
   x = _inputs(rng, dtype, n, m, 1, cin, cout)[0]
   nbr = random_map(rng, n, m, s)
-  monkeypatch.setattr(kernels, "num_partitions", lambda *a: parts)
+  monkeypatch.setattr(ffi, "num_partitions", lambda *a: parts)
   with x64():
     ct = np.asarray(jnp.asarray(rng.standard_normal((m, cout)), dtype), np.float64)
     dw = GRAD_IMPLS[impl](jnp.asarray(x, dtype), jnp.asarray(ct, dtype), jnp.asarray(nbr),
@@ -150,11 +150,11 @@ def test_kernel_grad_matches_loop(rng, on_kernels, monkeypatch, impl, dtype, sha
 
 
 def test_partitions_depend_on_shapes_only():
-  assert kernels.num_partitions(10, 27, 64, 64) == 1
-  big = kernels.num_partitions(1_000_000, 27, 64, 64)
-  assert big == kernels.num_partitions(1_000_000, 27, 64, 64) > 1
-  assert big * 27 * 64 * 64 <= kernels.PARTIAL_ELEMS
-  assert kernels.num_partitions(10**7, 125, 256, 256) >= 1
+  assert ffi.num_partitions(10, 27, 64, 64) == 1
+  big = ffi.num_partitions(1_000_000, 27, 64, 64)
+  assert big == ffi.num_partitions(1_000_000, 27, 64, 64) > 1
+  assert big * 27 * 64 * 64 <= ffi.PARTIAL_ELEMS
+  assert ffi.num_partitions(10**7, 125, 256, 256) >= 1
 
 
 def test_results_are_bitwise_reproducible(rng, on_kernels):
@@ -163,10 +163,10 @@ def test_results_are_bitwise_reproducible(rng, on_kernels):
   nbr = jnp.asarray(random_map(rng, n, m, s))
   ct = jnp.asarray(rng.standard_normal((m, cout)), jnp.float32)
   native = jax.default_backend() == "cpu"
-  f = jax.jit(lambda x, w: (kernels.gather_matmul(x, w, nbr, jnp.float32),
-                            kernels.kernel_grad(x, ct, nbr, jnp.float32),
-                            *((kernels.cpu_gather_matmul(x, w, nbr),
-                               kernels.cpu_kernel_grad(x, ct, nbr)) if native else ())))
+  f = jax.jit(lambda x, w: (ffi.gather_matmul(x, w, nbr, jnp.float32),
+                            ffi.kernel_grad(x, ct, nbr, jnp.float32),
+                            *((ffi.cpu_gather_matmul(x, w, nbr),
+                               ffi.cpu_kernel_grad(x, ct, nbr)) if native else ())))
   first = f(jnp.asarray(x), jnp.asarray(w))
   for _ in range(2):
     again = f(jnp.asarray(x), jnp.asarray(w))
@@ -191,14 +191,14 @@ def test_primitive_grads_through_kernels_match_jnp(rng):
       return jnp.sum(jnp.sin(y)) + jnp.sum(gm.kernel_grad(x, y, nbr, inv, uniq, jnp.float64)**2)
 
     results = {}
-    for backend in ("jnp", "host"):
-      previous = kernels.set_kernel_backend(backend)
+    for name in ("jnp", "host"):
+      previous = backend.set_kernel_backend(name)
       try:
         val, grads = jax.value_and_grad(f, argnums=(0, 1))(x, w)
         _, tan = jax.jvp(f, (x, w), (jnp.ones_like(x), jnp.ones_like(w)))
-        results[backend] = (val, *grads, tan)
+        results[name] = (val, *grads, tan)
       finally:
-        kernels.set_kernel_backend(previous)
+        backend.set_kernel_backend(previous)
     for a, b in zip(results["host"], results["jnp"]):
       assert rel_err(a, b) < 1e-10
 
@@ -229,7 +229,7 @@ def _conv_fn():
 
 
 OURS = [jax.export.DisabledSafetyCheck.custom_call(t)
-        for t in sorted({t for mod in (kernels._host, kernels._cuda) if mod is not None
+        for t in sorted({t for mod in (ffi.host, ffi.cuda) if mod is not None
                          for t in mod.handlers()})]
 
 
@@ -237,43 +237,44 @@ def _cpu_text(f, args):
   return jax.export.export(f, platforms=("cpu",), disabled_checks=OURS)(*args).mlir_module()
 
 
-def test_cpu_programs_name_the_kernels_each_backend_asks_for():
+def test_cpu_programs_name_the_kernels_each_backend_asks_for(flag_errors):
   f, args = _conv_fn()
-  previous = kernels.set_kernel_backend("jnp")
+  previous = backend.set_kernel_backend("jnp")
   try:
     assert "@jsc_" not in _cpu_text(f, args)
-    kernels.set_kernel_backend("auto")  # native CPU kernels
+    backend.set_kernel_backend("auto")  # native CPU kernels
     text = _cpu_text(f, args)
     assert "@jsc_cpu_gather_matmul" in text and "@jsc_cpu_kernel_grad" in text
     assert "@jsc_gather_matmul" not in text and "@jsc_kernel_grad" not in text
-    kernels.set_kernel_backend("host")  # the CUDA source's host build, never a CUDA target
+    backend.set_kernel_backend("host")  # the CUDA source's host build, never a CUDA target
     text = _cpu_text(f, args)
     assert "@jsc_gather_matmul" in text and "@jsc_kernel_grad" in text
     assert "@jsc_cpu_" not in text
   finally:
-    kernels.set_kernel_backend(previous)
+    backend.set_kernel_backend(previous)
 
 
-@pytest.mark.skipif(not kernels.kernel_builds()["cuda"], reason="built without nvcc")
-def test_cuda_lowering_names_the_kernels():
-  """Lowered for CUDA (no GPU needed), forward and both gradients are FFI calls."""
+@pytest.mark.skipif(not backend.kernel_builds()["cuda"], reason="built without nvcc")
+def test_cuda_lowering_names_the_kernels(flag_errors):
+  """Lowered for CUDA (no GPU needed), forward and both gradients are FFI calls. Exported
+  programs need error mode "flag" (no host callback)."""
   f, args = _conv_fn()
   text = jax.export.export(f, platforms=("cuda",), disabled_checks=OURS)(*args).mlir_module()
   assert "@jsc_gather_matmul" in text and "@jsc_kernel_grad" in text
 
 
 def test_builds_present_and_on_the_oldest_ffi_api():
-  builds = kernels.kernel_builds()
+  builds = backend.kernel_builds()
   assert builds["host"], "the host build of the kernels is missing"
   if shutil.which("nvcc") and os.environ.get("JSC_CUDA", "AUTO").upper() != "OFF":
     assert builds["cuda"], "nvcc is on PATH but the CUDA kernels were not built"
   # FFI API 0.4 = jaxlib 0.11.2's headers: loads on every jaxlib we support.
-  assert set(kernels.xla_ffi_api_minor().values()) == {4}
+  assert set(ffi.xla_ffi_api_minor().values()) == {4}
 
 
 def test_backend_switch_validates():
   with pytest.raises(ValueError, match="backend must be one of"):
-    kernels.set_kernel_backend("cuda")
+    backend.set_kernel_backend("cuda")
   before = sc.get_kernel_backend()
   assert sc.set_kernel_backend(sc.set_kernel_backend("jnp")) == "jnp"
   assert sc.get_kernel_backend() == before
@@ -293,13 +294,13 @@ def test_cpu_sort_keys_matches_numpy(rng, n):
   order = np.lexsort((np.arange(n), lo, hi))
   for batched in (False, True):
     if batched:  # leading batch axes, as vmap gives them
-      both = jax.vmap(kernels.cpu_sort_keys)(jnp.asarray(np.stack([hi, hi[::-1]])),
+      both = jax.vmap(ffi.cpu_sort_keys)(jnp.asarray(np.stack([hi, hi[::-1]])),
                                              jnp.asarray(np.stack([lo, lo[::-1]])))
       out = [o[0] for o in both]
       second = np.lexsort((np.arange(n), lo[::-1], hi[::-1]))
       assert np.array_equal(np.asarray(both[2][1]), second)
     else:
-      out = kernels.cpu_sort_keys(jnp.asarray(hi), jnp.asarray(lo))
+      out = ffi.cpu_sort_keys(jnp.asarray(hi), jnp.asarray(lo))
     assert np.array_equal(np.asarray(out[2]), order)
     assert np.array_equal(np.asarray(out[0]), hi[order])
     assert np.array_equal(np.asarray(out[1]), lo[order])
@@ -317,12 +318,12 @@ def test_cpu_invert_matches_jnp(rng, collide):
   if collide:
     nbr[3, 4] = nbr[5, 4] = 17
   nbr = jnp.asarray(nbr, jnp.int32)
-  inv, uniq = kernels.cpu_invert(nbr, n)
-  inv_ref, uniq_ref = kmod._invert_jnp(nbr, n)
+  inv, uniq = ffi.cpu_invert(nbr, n)
+  inv_ref, uniq_ref = kmod.invert_jnp(nbr, n)
   assert bool(uniq) == bool(uniq_ref) == (not collide)
   if not collide:
     assert np.array_equal(np.asarray(inv), np.asarray(inv_ref))
-  batched = jax.vmap(lambda a: kernels.cpu_invert(a, n))(jnp.stack([nbr, nbr[::-1]]))
+  batched = jax.vmap(lambda a: ffi.cpu_invert(a, n))(jnp.stack([nbr, nbr[::-1]]))
   assert batched[0].shape == (2, n, s) and np.array_equal(np.asarray(batched[0][0]),
                                                           np.asarray(inv))
   assert list(np.asarray(batched[1])) == [not collide] * 2
@@ -330,10 +331,10 @@ def test_cpu_invert_matches_jnp(rng, collide):
 
 _ONE_THREAD = """
 import sys, numpy as np, jax.numpy as jnp
-from jax_sparseconv._src import kernels
+from jax_sparseconv._src import ffi
 d = np.load(sys.argv[1])
 x, w, ct, nbr = (jnp.asarray(d[k]) for k in ("x", "w", "ct", "nbr"))
-np.savez(sys.argv[2], y=kernels.cpu_gather_matmul(x, w, nbr), dw=kernels.cpu_kernel_grad(x, ct, nbr))
+np.savez(sys.argv[2], y=ffi.cpu_gather_matmul(x, w, nbr), dw=ffi.cpu_kernel_grad(x, ct, nbr))
 """
 
 
@@ -352,6 +353,6 @@ def test_cpu_kernels_do_not_depend_on_the_thread_count(rng, tmp_path):
                   str(tmp_path / "out.npz")], check=True,
                  env={**os.environ, "JAX_SPARSECONV_CPU_THREADS": "1"})
   one = np.load(tmp_path / "out.npz")
-  y = kernels.cpu_gather_matmul(jnp.asarray(x), jnp.asarray(w), jnp.asarray(nbr))
-  dw = kernels.cpu_kernel_grad(jnp.asarray(x), jnp.asarray(ct), jnp.asarray(nbr))
+  y = ffi.cpu_gather_matmul(jnp.asarray(x), jnp.asarray(w), jnp.asarray(nbr))
+  dw = ffi.cpu_kernel_grad(jnp.asarray(x), jnp.asarray(ct), jnp.asarray(nbr))
   assert np.array_equal(np.asarray(y), one["y"]) and np.array_equal(np.asarray(dw), one["dw"])

@@ -1,8 +1,8 @@
 """Argument checks shared by the public functions.
 
 Everything here runs at trace time on static information (shapes, dtypes, Python
-values). Checks that need array values (NaN positions, a traced voxel size) become
-error flags in the kernel map instead; see ``kernel_map.py``.
+values) and raises at once. Checks that need array values (NaN positions, a traced
+voxel size) follow the error rule of ``errors.py`` instead.
 """
 
 from __future__ import annotations
@@ -110,3 +110,13 @@ def check_batch(name: str, batch, n: int):
     raise ValueError(
         f"{name} must be an integer array of shape ({n},), got dtype {batch.dtype} shape {batch.shape}")
   return batch.astype(jnp.int32)
+
+
+def check_capacity(capacity) -> int:
+  """A static, non-negative row count."""
+  if isinstance(capacity, (bool, np.bool_)) or not isinstance(capacity, numbers.Integral):
+    raise TypeError(f"capacity must be a static int (it sets the result's shape), got "
+                    f"{type(capacity).__name__}")
+  if capacity < 0:
+    raise ValueError(f"capacity must be >= 0, got {capacity}")
+  return int(capacity)

@@ -1,15 +1,16 @@
-"""Sparse convolution and transposed convolution over a kernel map (pure jnp).
+"""The public ops: Open3D's sparse convolution and transposed convolution.
 
-Both ops reduce to one primitive, :func:`gather_matmul.gather_matmul`:
-``y[m] = sum_s x[neighbors[m, s]] @ W[cell[s]]`` with a zero row for the sentinel,
-evaluated in chunks of outputs (see ``gather_matmul.CHUNK_BYTES``), whose transpose
-gathers through the kernel map's inverse. ``jit``, ``vmap``, ``grad``, ``jvp`` and
-higher derivatives work, with respect to features, kernel, bias and importance
+Argument checks, the kernel map (built here unless given), then one compiled program:
+importance and normalisation around one primitive, :func:`gather_matmul.gather_matmul`
+(``y[m] = sum_s x[neighbors[m, s]] @ W[cell[s]]``, a zero row for the sentinel), bias,
+activation, the padding mask and the error poison. ``jit``, ``vmap``, ``grad``, ``jvp``
+and higher derivatives work with respect to features, kernel, bias and importance
 (positions are integer-quantised and get no gradient).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 
@@ -17,9 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checks
+from . import checks, errors
+from .errors import ErrorCode
 from .gather_matmul import gather_matmul
 from .kernel_map import KernelMap, build_kernel_map
+
 
 def _unpack_params(params, feats, transpose):
   if not isinstance(params, Mapping) or "kernel" not in params:
@@ -79,7 +82,24 @@ def _prepare(params, feats, in_pos, out_pos, voxel_size, offset, kernel_map, tra
     if kernel_map.num_in != in_pos.shape[0] or kernel_map.num_out != out_pos.shape[0]:
       raise ValueError(f"kernel_map is for {kernel_map.num_in} inputs and {kernel_map.num_out} "
                        f"outputs, got in_pos {in_pos.shape} and out_pos {out_pos.shape}")
+    kernel_map = _check_voxel_size_matches(kernel_map, voxel_size)
   return feats, kernel_map, kernel, bias
+
+
+def _check_voxel_size_matches(km, voxel_size):
+  """A map used with another voxel size than it was built with is an error (it would
+  silently change which neighbours exist): raised now when both are concrete, else
+  added to the map's flags (``MAP_MISMATCH``) under the error rule."""
+  vs = jnp.asarray(voxel_size, jnp.float32)
+  differs = jnp.abs(vs - km.voxel_size) > 1e-6 * jnp.abs(km.voxel_size)
+  if checks.is_concrete(differs) and checks.is_concrete(km.voxel_size):
+    if bool(differs):
+      raise ValueError(f"voxel_size {float(vs)} differs from the {float(km.voxel_size)} the "
+                       "kernel_map was built with")
+    return km
+  flags = km.flags | errors.bit(differs, ErrorCode.MAP_MISMATCH)
+  errors.report(flags, "sparse_conv")
+  return dataclasses.replace(km, flags=flags)
 
 
 @functools.partial(jax.jit, static_argnames=("normalize", "activation", "transpose"))
@@ -102,8 +122,8 @@ def _conv(kernel, bias, feats, importance, km, *, normalize, activation, transpo
   if activation is not None:
     y = activation(y)
   y = jnp.where(km.out_mask[:, None], y, jnp.zeros((), y.dtype))
-  # Under jit an invalid map cannot raise: poison the result instead of being silently wrong.
-  return jnp.where(km.flags != 0, jnp.array(jnp.nan, y.dtype), y)
+  # Under jit an invalid map cannot raise here: poison the result (errors.py).
+  return errors.poison(y, km.flags)
 
 
 def sparse_conv(params, feats, in_pos, out_pos, voxel_size, *, offset=None, normalize=False,

@@ -1,22 +1,24 @@
-"""The conv's core as a primitive: ``y[m] = sum_s x[nbr[m, s]] @ w[s]``.
+"""The conv's two inner ops as primitives, with their differentiation rules.
 
-In the order of jax's ``experimental/sparse/coo.py``: public function, implementation,
-abstract evaluation, lowering, JVP, transpose and batching rules.
+* ``sparse_gather_matmul``: ``y[m] = sum_s x[nbr[m, s]] @ w[s]`` (the forward pass).
+* ``sparse_kernel_grad``: ``dw[s] = sum_m x[nbr[m, s]]^T ct[m]`` (the kernel gradient).
 
-Why a primitive: autodiff of a gather is a scatter-add, slow on CPU and
-nondeterministic on GPU. The op is linear in ``x`` for fixed ``w``, and its transpose
-with respect to ``x`` is the same op over the *inverse* map
-(``inv[n, s]`` = the output that reads input ``n`` at slot ``s``) with ``w``
-transposed: a gather again. A primitive with JVP and transpose rules keeps forward
-mode and every higher derivative (the transpose of the transpose is the original).
-The inverse exists when no two outputs read the same input through the same slot,
-i.e. when output positions are unique (``unique``); otherwise the transpose falls
-back to the scatter-add that autodiff of the jnp implementation gives. The kernel
-gradient is a second primitive, ``sparse_kernel_grad``, bilinear too, whose
-transposes are gather-matmuls again.
+Each has one section below, in the order of jax's ``experimental/sparse/coo.py``:
+public function, jnp implementation, abstract evaluation, lowering, JVP, transpose and
+batching rules.
 
-Each primitive lowers through :func:`kernels.dispatch`: the jnp implementation, or on
-the platforms that have them the compiled kernels of ``ffi/kernels.cu`` (XLA FFI).
+Why primitives: autodiff of a gather is a scatter-add, slow on CPU and
+nondeterministic on GPU. Both ops are bilinear. The transpose of the gather-matmul
+with respect to ``x`` is the same op over the *inverse* map (``inv[n, s]`` = the output
+that reads input ``n`` at slot ``s``) with ``w`` transposed: a gather again. Its
+transpose with respect to ``w`` is the kernel gradient, whose own transposes are
+gather-matmuls. Primitives with JVP and transpose rules keep forward mode and every
+higher derivative. The inverse exists when no two outputs read the same input
+through the same slot, i.e. when output positions are unique (``unique``); otherwise
+the feature cotangent falls back to the scatter-add of autodiff (:func:`_x_cotangent`).
+
+Both primitives lower through ``backend.dispatch``: the jnp implementation, or on the
+platforms that have them the compiled kernels of ``ffi/`` (XLA FFI).
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from . import kernels
+from . import backend, ffi
 
 #: Memory budget of one gathered chunk, in bytes (rows * slots * Cin * itemsize).
 CHUNK_BYTES = 16 * 2**20
 #: Bounds on the number of output rows in one chunk.
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 256, 8192
+
+# ------------------------------------------------------------------ shared helpers
 
 
 def chunk_rows(num_slots: int, in_channels: int, itemsize: int) -> int:
@@ -47,6 +51,71 @@ def chunk_rows(num_slots: int, in_channels: int, itemsize: int) -> int:
 def accum_dtype(dtype):
   """float32 for half types, else the type itself."""
   return jnp.float32 if jnp.finfo(dtype).bits < 32 else jnp.dtype(dtype)
+
+
+def _is_f32(*dtypes):
+  return all(jnp.dtype(t) == jnp.float32 for t in dtypes)
+
+
+def _chunks(nbr, rows, sentinel):
+  """``nbr`` padded with sentinel rows and split into ``(num_chunks, rows, S)``."""
+  m, s = nbr.shape
+  nchunks = -(-m // rows)
+  padded = jnp.pad(nbr, ((0, nchunks * rows - m), (0, 0)), constant_values=sentinel)
+  return padded.reshape(nchunks, rows, s)
+
+
+def _gather_rows(x_padded, idx):
+  """``x_padded[idx]`` flattened to ``(len(idx), S * Cin)``. ``take(mode="clip")``:
+  indices are in bounds by construction, and XLA's CPU gather is ~3x faster without
+  the bounds handling that ``x[idx]`` adds."""
+  return jnp.take(x_padded, idx, axis=0, mode="clip").reshape(idx.shape[0], -1)
+
+
+def _with_zero_row(x):
+  """``x`` with a zero row appended: the sentinel index reads it."""
+  return jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
+
+
+def _x_cotangent(x_aval, rows, kernel, nbr, inv, unique, jnp_op):
+  """Cotangent of the gathered operand ``x`` of an op that reads ``x[nbr]``:
+  ``x_bar[n] = sum_s rows[inv[n, s]] @ kernel[s]^T`` through the inverse map (a gather,
+  deterministic) when it is exact, else the scatter-add of autodiff through
+  ``jnp_op(x) -> rows-shaped``, whose cotangent ``rows`` is."""
+  kernel_t = jnp.swapaxes(kernel, 1, 2)
+
+  def by_gather(rows):
+    return gather_matmul(rows, kernel_t, inv, nbr, unique, x_aval.dtype)
+
+  def by_scatter(rows):
+    return jax.vjp(jnp_op, jnp.zeros(x_aval.shape, x_aval.dtype))[1](rows)[0].astype(
+        x_aval.dtype)
+
+  return jax.lax.cond(unique, by_gather, by_scatter, rows)
+
+
+def _zero_cotangents(a, b):
+  return (ad.Zero(a.aval) if ad.is_undefined_primal(a) else None,
+          ad.Zero(b.aval) if ad.is_undefined_primal(b) else None, None, None, None)
+
+
+def _dispatch(jnp_impl, cuda_impl, cpu_impl, a, b, nbr, dtype):
+  """``backend.dispatch`` of one primitive's three implementations over ``(a, b, nbr)``;
+  the native CPU kernels are float32 only."""
+  f32 = _is_f32(a.dtype, b.dtype, dtype)
+  return backend.dispatch(jnp_impl, cuda_impl, a, b, nbr, cpu_fn=cpu_impl if f32 else None)
+
+
+def _register(prim, lowered, abstract_eval, static_names):
+  """Implementation (jitted lowering) and lowering of a primitive from one function."""
+  prim.def_impl(functools.partial(jax.jit, static_argnames=static_names)(lowered))
+  prim.def_abstract_eval(abstract_eval)
+  mlir.register_lowering(prim, mlir.lower_fun(lowered, multiple_results=False))
+
+
+# ------------------------------------------------------------------ gather-matmul
+
+gather_matmul_p = Primitive("sparse_gather_matmul")
 
 
 def gather_matmul(x, w, nbr, inv, unique, out_dtype):
@@ -65,30 +134,14 @@ def gather_matmul(x, w, nbr, inv, unique, out_dtype):
   return gather_matmul_p.bind(x, w, nbr, inv, unique, out_dtype=jnp.dtype(out_dtype))
 
 
-def _chunks(nbr, rows, sentinel):
-  """``nbr`` padded with sentinel rows and split into ``(num_chunks, rows, S)``."""
-  m, s = nbr.shape
-  nchunks = -(-m // rows)
-  padded = jnp.pad(nbr, ((0, nchunks * rows - m), (0, 0)), constant_values=sentinel)
-  return padded.reshape(nchunks, rows, s)
-
-
-def _gather_rows(x_padded, idx):
-  """``x_padded[idx]`` flattened to ``(len(idx), S * Cin)``. ``take(mode="clip")``:
-  indices are in bounds by construction, and XLA's CPU gather is ~3x faster without
-  the bounds handling that ``x[idx]`` adds."""
-  return jnp.take(x_padded, idx, axis=0, mode="clip").reshape(idx.shape[0], -1)
-
-
-def _impl(x, w, nbr, inv, unique, *, out_dtype):
+def gather_matmul_jnp(x, w, nbr, out_dtype):
   """The jnp implementation: gather a chunk of neighbour rows, one matmul per chunk."""
-  del inv, unique
   m, s = nbr.shape
   cin, cout = w.shape[1:]
   acc = accum_dtype(out_dtype)
   if m == 0 or s == 0 or cin == 0:
     return jnp.zeros((m, cout), out_dtype)
-  xp = jnp.concatenate([x, jnp.zeros((1, cin), x.dtype)])
+  xp = _with_zero_row(x)
   w2 = w.reshape(s * cin, cout)
 
   def block(idx):
@@ -101,14 +154,84 @@ def _impl(x, w, nbr, inv, unique, *, out_dtype):
   return y.reshape(-1, cout)[:m].astype(out_dtype)
 
 
-def _kernel_grad(x, ct, nbr, w_dtype):
-  """``dW[s] = sum_m x[nbr[m, s]]^T ct[m]``, accumulated chunk by chunk in a fixed order."""
+def _gm_abstract_eval(x, w, nbr, inv, unique, *, out_dtype):
+  (n, cin), (s, cin_w, cout), (m, s_nbr) = x.shape, w.shape, nbr.shape
+  if cin != cin_w or s != s_nbr or inv.shape != (n, s) or unique.shape != ():
+    raise ValueError(f"gather_matmul: inconsistent shapes x {x.shape}, w {w.shape}, "
+                     f"nbr {nbr.shape}, inv {inv.shape}, unique {unique.shape}")
+  return jax.core.ShapedArray((m, cout), out_dtype)
+
+
+def _gm_lowered(x, w, nbr, inv, unique, *, out_dtype):
+  del inv, unique  # for the transpose rules only
+  return _dispatch(functools.partial(gather_matmul_jnp, out_dtype=out_dtype),
+                   functools.partial(ffi.gather_matmul, out_dtype=out_dtype),
+                   ffi.cpu_gather_matmul, x, w, nbr, out_dtype)
+
+
+def _gm_jvp_x(dx, x, w, nbr, inv, unique, *, out_dtype):
+  return gather_matmul(dx, w, nbr, inv, unique, out_dtype)
+
+
+def _gm_jvp_w(dw, x, w, nbr, inv, unique, *, out_dtype):
+  return gather_matmul(x, dw, nbr, inv, unique, out_dtype)
+
+
+def _gm_transpose(ct, x, w, nbr, inv, unique, *, out_dtype):
+  if type(ct) is ad.Zero:
+    return _zero_cotangents(x, w)
+  if ad.is_undefined_primal(x):
+    assert not ad.is_undefined_primal(w)
+    x_bar = _x_cotangent(x.aval, ct, w, nbr, inv, unique,
+                         lambda x_: gather_matmul_jnp(x_, w, nbr, out_dtype))
+    return x_bar, None, None, None, None
+  return None, kernel_grad(x, ct, nbr, inv, unique, w.aval.dtype), None, None, None
+
+
+def _gm_batch(args, dims, *, out_dtype):
+  """vmap: fold the batch into one big call (offset indices, per-batch sentinels)."""
+  x, w, nbr, inv, unique = args
+  if dims[1] is not None:  # batched kernels (rare): plain vmap of the jnp version
+    return jax.vmap(lambda x, w, nbr, inv, unique: gather_matmul_jnp(x, w, nbr, out_dtype),
+                    in_axes=dims)(*args), 0
+  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+  x, nbr, inv = (batching.bdim_at_front(a, d, size) for a, d in zip((x, nbr, inv),
+                                                                    (dims[0], dims[2], dims[3])))
+  unique = jnp.all(batching.bdim_at_front(unique, dims[4], size))
+  b, n, cin = x.shape
+  m = nbr.shape[1]
+  batch = jnp.arange(b, dtype=jnp.int32)[:, None, None]
+  nbr_b = jnp.where(nbr == n, b * n, nbr + batch * n)  # sentinels -> the folded sentinel
+  inv_b = jnp.where(inv == m, b * m, inv + batch * m)
+  y = gather_matmul(x.reshape(b * n, cin), w, nbr_b.reshape(b * m, -1),
+                    inv_b.reshape(b * n, -1), unique, out_dtype)
+  return y.reshape(b, m, -1), 0
+
+
+_register(gather_matmul_p, _gm_lowered, _gm_abstract_eval, "out_dtype")
+ad.defjvp(gather_matmul_p, _gm_jvp_x, _gm_jvp_w, None, None, None)
+ad.primitive_transposes[gather_matmul_p] = _gm_transpose
+batching.primitive_batchers[gather_matmul_p] = _gm_batch
+
+
+# ------------------------------------------------------------------ kernel gradient
+
+kernel_grad_p = Primitive("sparse_kernel_grad")
+
+
+def kernel_grad(x, ct, nbr, inv, unique, w_dtype):
+  """``dw[s] = sum_m x[nbr[m, s]]^T ct[m]``: ``(S, Cin, Cout)`` in ``w_dtype``."""
+  return kernel_grad_p.bind(x, ct, nbr, inv, unique, w_dtype=jnp.dtype(w_dtype))
+
+
+def kernel_grad_jnp(x, ct, nbr, w_dtype):
+  """The jnp implementation, accumulated chunk by chunk in a fixed order."""
   m, s = nbr.shape
   cin, cout = x.shape[1], ct.shape[1]
   acc = accum_dtype(jnp.result_type(x.dtype, ct.dtype))
   if m == 0 or s == 0 or cin == 0:
     return jnp.zeros((s, cin, cout), w_dtype)
-  xp = jnp.concatenate([x, jnp.zeros((1, cin), x.dtype)])
+  xp = _with_zero_row(x)
 
   def partial_grad(idx, ct_chunk):  # (Cout, S * Cin): ct^T g is faster on CPU than g^T ct
     return jax.lax.dot_general(ct_chunk, _gather_rows(xp, idx), (((0,), (0,)), ((), ())),
@@ -125,108 +248,7 @@ def _kernel_grad(x, ct, nbr, w_dtype):
   return g.T.reshape(s, cin, cout).astype(w_dtype)
 
 
-def _abstract_eval(x, w, nbr, inv, unique, *, out_dtype):
-  (n, cin), (s, cin_w, cout), (m, s_nbr) = x.shape, w.shape, nbr.shape
-  if cin != cin_w or s != s_nbr or inv.shape != (n, s) or unique.shape != ():
-    raise ValueError(f"gather_matmul: inconsistent shapes x {x.shape}, w {w.shape}, "
-                     f"nbr {nbr.shape}, inv {inv.shape}, unique {unique.shape}")
-  return jax.core.ShapedArray((m, cout), out_dtype)
-
-
-def _lowered(x, w, nbr, inv, unique, *, out_dtype):
-  del inv, unique  # for the transpose rules only
-  f32 = all(jnp.dtype(t) == jnp.float32 for t in (x.dtype, w.dtype, out_dtype))
-  return kernels.dispatch(lambda x, w, nbr: _impl(x, w, nbr, None, None, out_dtype=out_dtype),
-                          lambda x, w, nbr: kernels.gather_matmul(x, w, nbr, out_dtype),
-                          x, w, nbr, cpu_fn=kernels.cpu_gather_matmul if f32 else None)
-
-
-def _define(name, lowered, abstract_eval, param, bind):
-  """A primitive ``(a, b, nbr, inv, unique; param)``, bilinear in ``(a, b)``: impl and
-  lowering from ``lowered``, and its JVP by bilinearity through ``bind``."""
-  prim = Primitive(name)
-  prim.def_impl(functools.partial(jax.jit, static_argnames=param)(lowered))
-  prim.def_abstract_eval(abstract_eval)
-  mlir.register_lowering(prim, mlir.lower_fun(lowered, multiple_results=False))
-  ad.defjvp(prim,
-            lambda da, a, b, *rest, **kw: bind(da, b, *rest, kw[param]),
-            lambda db, a, b, *rest, **kw: bind(a, db, *rest, kw[param]),
-            None, None, None)
-  return prim
-
-
-def _zero_cotangents(a, b):
-  return (ad.Zero(a.aval) if ad.is_undefined_primal(a) else None,
-          ad.Zero(b.aval) if ad.is_undefined_primal(b) else None, None, None, None)
-
-
-gather_matmul_p = _define("sparse_gather_matmul", _lowered, _abstract_eval, "out_dtype",
-                          gather_matmul)
-
-
-def _transpose(ct, x, w, nbr, inv, unique, *, out_dtype):
-  if type(ct) is ad.Zero:
-    return _zero_cotangents(x, w)
-  if ad.is_undefined_primal(x):
-    assert not ad.is_undefined_primal(w)
-    x_dtype = x.aval.dtype
-    wt = jnp.swapaxes(w, 1, 2)
-
-    def by_gather(ct):  # through the inverse map: a gather, deterministic
-      return gather_matmul(ct, wt, inv, nbr, unique, x_dtype)
-
-    def by_scatter(ct):  # duplicated outputs: the scatter-add of autodiff
-      zeros = jnp.zeros(x.aval.shape, x_dtype)
-      return jax.vjp(lambda x_: _impl(x_, w, nbr, inv, unique, out_dtype=out_dtype), zeros)[1](
-          ct)[0].astype(x_dtype)
-
-    return jax.lax.cond(unique, by_gather, by_scatter, ct), None, None, None, None
-  return None, kernel_grad(x, ct, nbr, inv, unique, w.aval.dtype), None, None, None
-
-
-ad.primitive_transposes[gather_matmul_p] = _transpose
-
-
-def _batch(args, dims, *, out_dtype):
-  """vmap: fold the batch into one big call (offset indices, per-batch sentinels)."""
-  x, w, nbr, inv, unique = args
-  if dims[1] is not None:  # batched kernels (rare): plain vmap of the jnp version
-    f = functools.partial(_impl, out_dtype=out_dtype)
-    return jax.vmap(f, in_axes=dims)(*args), 0
-  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-  x, nbr, inv = (batching.bdim_at_front(a, d, size) for a, d in zip((x, nbr, inv),
-                                                                    (dims[0], dims[2], dims[3])))
-  unique = jnp.all(batching.bdim_at_front(unique, dims[4], size))
-  b, n, cin = x.shape
-  m = nbr.shape[1]
-  batch = jnp.arange(b, dtype=jnp.int32)[:, None, None]
-  nbr_b = jnp.where(nbr == n, b * n, nbr + batch * n)  # sentinels -> the folded sentinel
-  inv_b = jnp.where(inv == m, b * m, inv + batch * m)
-  y = gather_matmul(x.reshape(b * n, cin), w, nbr_b.reshape(b * m, -1),
-                    inv_b.reshape(b * n, -1), unique, out_dtype)
-  return y.reshape(b, m, -1), 0
-
-
-batching.primitive_batchers[gather_matmul_p] = _batch
-
-
-# ----------------------------------------------------------------- the kernel gradient
-
-
-def kernel_grad(x, ct, nbr, inv, unique, w_dtype):
-  """``dw[s] = sum_m x[nbr[m, s]]^T ct[m]``: ``(S, Cin, Cout)`` in ``w_dtype``."""
-  return kernel_grad_p.bind(x, ct, nbr, inv, unique, w_dtype=jnp.dtype(w_dtype))
-
-
-def _kernel_grad_lowered(x, ct, nbr, inv, unique, *, w_dtype):
-  del inv, unique  # for the transpose rules only
-  f32 = all(jnp.dtype(t) == jnp.float32 for t in (x.dtype, ct.dtype, w_dtype))
-  return kernels.dispatch(lambda x, ct, nbr: _kernel_grad(x, ct, nbr, w_dtype),
-                          lambda x, ct, nbr: kernels.kernel_grad(x, ct, nbr, w_dtype),
-                          x, ct, nbr, cpu_fn=kernels.cpu_kernel_grad if f32 else None)
-
-
-def _kernel_grad_abstract_eval(x, ct, nbr, inv, unique, *, w_dtype):
+def _kg_abstract_eval(x, ct, nbr, inv, unique, *, w_dtype):
   (n, cin), (m, cout), (m_nbr, s) = x.shape, ct.shape, nbr.shape
   if m != m_nbr or inv.shape != (n, s):
     raise ValueError(f"kernel_grad: inconsistent shapes x {x.shape}, ct {ct.shape}, "
@@ -234,8 +256,19 @@ def _kernel_grad_abstract_eval(x, ct, nbr, inv, unique, *, w_dtype):
   return jax.core.ShapedArray((s, cin, cout), w_dtype)
 
 
-kernel_grad_p = _define("sparse_kernel_grad", _kernel_grad_lowered, _kernel_grad_abstract_eval,
-                        "w_dtype", kernel_grad)
+def _kg_lowered(x, ct, nbr, inv, unique, *, w_dtype):
+  del inv, unique  # for the transpose rules only
+  return _dispatch(functools.partial(kernel_grad_jnp, w_dtype=w_dtype),
+                   functools.partial(ffi.kernel_grad, w_dtype=w_dtype),
+                   ffi.cpu_kernel_grad, x, ct, nbr, w_dtype)
+
+
+def _kg_jvp_x(dx, x, ct, nbr, inv, unique, *, w_dtype):
+  return kernel_grad(dx, ct, nbr, inv, unique, w_dtype)
+
+
+def _kg_jvp_ct(dct, x, ct, nbr, inv, unique, *, w_dtype):
+  return kernel_grad(x, dct, nbr, inv, unique, w_dtype)
 
 
 def _kg_transpose(g, x, ct, nbr, inv, unique, *, w_dtype):
@@ -245,21 +278,10 @@ def _kg_transpose(g, x, ct, nbr, inv, unique, *, w_dtype):
     return _zero_cotangents(x, ct)
   if ad.is_undefined_primal(ct):  # ct_bar[m] = sum_s x[nbr[m, s]] @ g[s]
     return None, gather_matmul(x, g, nbr, inv, unique, ct.aval.dtype), None, None, None
-  x_dtype = x.aval.dtype  # x_bar[n] = sum_s ct[inv[n, s]] @ g[s]^T, or a scatter-add
-  gt = jnp.swapaxes(g, 1, 2)
-
-  def by_gather(g):
-    return gather_matmul(ct, gt, inv, nbr, unique, x_dtype)
-
-  def by_scatter(g):
-    zeros = jnp.zeros(x.aval.shape, x_dtype)
-    return jax.vjp(lambda x_: _kernel_grad(x_, ct, nbr, w_dtype), zeros)[1](
-        g.astype(w_dtype))[0].astype(x_dtype)
-
-  return jax.lax.cond(unique, by_gather, by_scatter, g), None, None, None, None
-
-
-ad.primitive_transposes[kernel_grad_p] = _kg_transpose
+  # x_bar[n] = sum_s ct[inv[n, s]] @ g[s]^T
+  x_bar = _x_cotangent(x.aval, ct, g, nbr, inv, unique,
+                       lambda x_: gather_matmul_jnp(x_, g, nbr, ct.dtype))
+  return x_bar, None, None, None, None
 
 
 def _kg_batch(args, dims, *, w_dtype):
@@ -270,4 +292,7 @@ def _kg_batch(args, dims, *, w_dtype):
   return jax.lax.map(lambda a: kernel_grad(*a, w_dtype), tuple(args)), 0
 
 
+_register(kernel_grad_p, _kg_lowered, _kg_abstract_eval, "w_dtype")
+ad.defjvp(kernel_grad_p, _kg_jvp_x, _kg_jvp_ct, None, None, None)
+ad.primitive_transposes[kernel_grad_p] = _kg_transpose
 batching.primitive_batchers[kernel_grad_p] = _kg_batch

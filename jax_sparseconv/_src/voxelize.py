@@ -1,23 +1,57 @@
-"""Making voxels unique: points to voxel centres, and merging duplicated voxels.
+"""Voxel utilities: points to voxel centres, merging duplicated voxels, coarse grids.
 
-Static shapes: the outputs keep the input's capacity ``n``; the first
-``num_unique`` rows are the unique voxels (in Morton order) and the rest are padding
-(zero positions and features). Pass ``num_unique`` as ``in_valid``/``out_valid`` to
-:func:`build_kernel_map`.
+Static shapes: results have a fixed number of rows, the *capacity* (the input's row
+count unless ``capacity=`` is given); the first ``count`` rows are the voxels (in
+Morton order) and the rest are padding. Padded rows have NaN positions (and zero
+features), so a padded result passed on without its count cannot be mistaken for
+points: pass ``count`` as ``valid=`` / ``in_valid=`` / ``out_valid=``.
+
+Value errors follow the rule of ``errors.py`` (raise outside ``jit``; inside, a
+raising host callback in error mode ``"raise"``, and NaN positions and features in
+every mode, so a kernel map built from them carries the error in its flags).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from . import checks
-from .kernel_map import MAX_COORD, _SENTINEL_KEY, _keys, describe_flags, quantize, reference_point
+from . import checks, errors, lattice
+from .errors import ErrorCode
 
 
-def unique_voxels(positions, feats, voxel_size, *, valid=None, batch=None):
+class Voxels(NamedTuple):
+  """Result of :func:`unique_voxels` / :func:`voxelize` for one cloud (or padded set)."""
+  positions: jax.Array  #: ``(capacity, 3)`` voxel positions; padding NaN.
+  feats: jax.Array      #: ``(capacity, C)`` mean features; padding 0.
+  count: jax.Array      #: int32 scalar, the number of voxels (valid rows).
+
+
+class PackedVoxels(NamedTuple):
+  """Result of :func:`unique_voxels` / :func:`voxelize` with ``batch``."""
+  positions: jax.Array  #: ``(capacity, 3)``; padding NaN.
+  feats: jax.Array      #: ``(capacity, C)``; padding 0.
+  batch: jax.Array      #: int32 ``(capacity,)`` cloud index of each voxel; padding 0.
+  count: jax.Array      #: int32 scalar, the number of voxels over all clouds.
+
+
+class Coarse(NamedTuple):
+  """Result of :func:`downsample`."""
+  positions: jax.Array  #: ``(capacity, 3)`` coarse positions; padding NaN.
+  count: jax.Array      #: int32 scalar.
+
+
+class PackedCoarse(NamedTuple):
+  """Result of :func:`downsample` with ``batch``."""
+  positions: jax.Array
+  batch: jax.Array
+  count: jax.Array
+
+
+def unique_voxels(positions, feats, voxel_size, *, valid=None, batch=None, capacity=None):
   """Merges points that fall on the same lattice voxel, averaging their features.
 
   Open3D counts every copy of a duplicated input voxel; a kernel map holds one input
@@ -27,13 +61,16 @@ def unique_voxels(positions, feats, voxel_size, *, valid=None, batch=None):
     positions: ``(n, 3)`` float positions on a lattice of spacing ``voxel_size``.
     feats: ``(n, C)`` features, averaged over the points of each voxel.
     voxel_size: positive scalar.
-    valid: optional count or bool mask of valid rows (padding is ignored).
+    valid: count or bool mask of the valid rows when ``positions`` is padded (required
+      then: padding rows of this library's results are NaN and raise without it).
     batch: optional int ``(n,)`` cloud index (voxels of different clouds stay apart).
+    capacity: static number of result rows (default ``n``). More voxels than that is
+      an error (``CAPACITY_OVERFLOW``); the extra voxels are dropped.
 
   Returns:
-    ``(positions, feats, num_unique)`` or, with ``batch``, ``(positions, feats,
-    batch, num_unique)``; arrays have ``n`` rows, of which the first ``num_unique``
-    are valid. Works under ``jit``.
+    :class:`Voxels` ``(positions, feats, count)``, or with ``batch``
+    :class:`PackedVoxels` ``(positions, feats, batch, count)``; arrays have
+    ``capacity`` rows, the first ``count`` valid. Works under ``jit``.
 
   >>> import jax.numpy as jnp
   >>> p = jnp.array([[0.5, 0.5, 0.5], [1.5, 0.5, 0.5], [0.5, 0.5, 0.5]])
@@ -45,39 +82,50 @@ def unique_voxels(positions, feats, voxel_size, *, valid=None, batch=None):
   feats = checks.check_float_array("feats", feats, 2)
   n = positions.shape[0]
   if feats.shape[0] != n:
-    raise ValueError(f"feats has {feats.shape[0]} rows but positions has {n}")
+    raise ValueError(f"feats has {feats.shape[0]} rows but positions has {n} "
+                     f"(shapes {feats.shape} and {positions.shape})")
   checks.check_voxel_size(voxel_size)
   mask = checks.as_mask("valid", valid, n)
   b = None if batch is None else checks.check_batch("batch", batch, n)
+  cap = n if capacity is None else checks.check_capacity(capacity)
+  out = _unique(positions, feats, voxel_size, mask, b, cap=cap, all_valid=valid is None)
+  *result, flags = out
+  errors.report(flags, "unique_voxels")
+  return Voxels(*result) if b is None else PackedVoxels(*result)
+
+
+@functools.partial(jax.jit, static_argnames=("cap", "all_valid"))
+def _unique(positions, feats, voxel_size, mask, batch, *, cap, all_valid):
+  n = positions.shape[0]
   vs = jnp.asarray(voxel_size, positions.dtype)
-  ref = reference_point(positions, mask, positions, mask, a_all_valid=valid is None)
-  q, flags = quantize(positions, vs, mask, ref)
-  if checks.is_concrete(flags) and int(flags):
-    raise ValueError("unique_voxels: " + "; ".join(describe_flags(int(flags))))
-  base = jnp.min(jnp.where(mask[:, None], q, MAX_COORD), axis=0, initial=MAX_COORD)
-  c = jnp.clip(q - base, 0, MAX_COORD - 1)
-  keys = [jnp.where(mask, k, _SENTINEL_KEY) for k in _keys(c, b)]
-  *skeys, perm = jax.lax.sort((*keys, jnp.arange(n, dtype=jnp.int32)), num_keys=len(keys))
-  smask = mask[perm]
-  if n:
-    new = jnp.concatenate([jnp.ones((1,), bool), ~functools.reduce(
-        jnp.logical_and, [k[1:] == k[:-1] for k in skeys])])
-  else:
-    new = jnp.zeros((0,), bool)
-  seg = jnp.cumsum(new) - 1
-  seg = jnp.where(smask, seg, n)  # padding goes to a dropped segment
-  num_unique = jnp.sum(new & smask).astype(jnp.int32)
-  count = jax.ops.segment_sum(jnp.ones((n,), feats.dtype), seg, num_segments=n + 1)[:n]
-  fsum = jax.ops.segment_sum(feats[perm], seg, num_segments=n + 1)[:n]
-  out_f = fsum / jnp.maximum(count, 1)[:, None]
-  out_p = jnp.zeros_like(positions).at[seg].set(positions[perm], mode="drop")
-  if b is None:
-    return out_p, out_f, num_unique
-  out_b = jnp.zeros((n,), jnp.int32).at[seg].set(b[perm], mode="drop")
-  return out_p, out_f, out_b, num_unique
+  ref = lattice.reference_point(positions, mask, positions, mask, a_all_valid=all_valid)
+  q, flags = lattice.quantize(positions, vs, mask, ref)
+  (c,), _, flags_range = lattice.to_grid([q], [mask])
+  flags |= flags_range | lattice.voxel_size_flags(vs)
+  if batch is not None:
+    flags |= lattice.batch_flags(batch, mask)
+  *sorted_keys, perm = lattice.sort_keys(lattice.keys(c, batch, mask))
+  smask = jnp.take(mask, perm)
+  new = ~lattice.same_as_previous(sorted_keys) & smask  # first row of each voxel
+  count = jnp.sum(new).astype(jnp.int32)
+  flags |= errors.bit(count > cap, ErrorCode.CAPACITY_OVERFLOW)
+  seg = jnp.where(smask, jnp.cumsum(new) - 1, cap)  # padding to a dropped segment
+  seg = jnp.where(seg < cap, seg, cap)
+  ones = jnp.ones((n,), feats.dtype)
+  num = jax.ops.segment_sum(ones, seg, num_segments=cap + 1)[:cap]
+  fsum = jax.ops.segment_sum(jnp.take(feats, perm, axis=0), seg, num_segments=cap + 1)[:cap]
+  out_f = fsum / jnp.maximum(num, 1)[:, None]
+  out_p = jnp.full((cap, 3), jnp.nan, positions.dtype).at[seg].set(
+      jnp.take(positions, perm, axis=0), mode="drop")
+  out_p, out_f = errors.poison(out_p, flags), errors.poison(out_f, flags)
+  count = jnp.minimum(count, cap)
+  if batch is None:
+    return out_p, out_f, count, flags
+  out_b = jnp.zeros((cap,), jnp.int32).at[seg].set(jnp.take(batch, perm), mode="drop")
+  return out_p, out_f, out_b, count, flags
 
 
-def voxelize(points, feats, voxel_size, *, valid=None, batch=None):
+def voxelize(points, feats, voxel_size, *, valid=None, batch=None, capacity=None):
   """Snaps arbitrary points to voxel centres ``(floor(p / vs) + 0.5) * vs`` and merges them.
 
   Returns what :func:`unique_voxels` returns. Works under ``jit``.
@@ -92,10 +140,22 @@ def voxelize(points, feats, voxel_size, *, valid=None, batch=None):
   checks.check_voxel_size(voxel_size)
   vs = jnp.asarray(voxel_size, points.dtype)
   centres = (jnp.floor(points / vs) + 0.5) * vs
-  return unique_voxels(centres, feats, voxel_size, valid=valid, batch=batch)
+  return unique_voxels(centres, feats, voxel_size, valid=valid, batch=batch, capacity=capacity)
 
 
-def downsample(positions, voxel_size, factor: int = 2, *, valid=None, batch=None):
+@functools.partial(jax.jit, static_argnames=("factor", "all_valid"))
+def _coarse(positions, vs, mask, *, factor, all_valid):
+  """Coarse positions, poisoned where the fine points are not on one lattice (NaN padding
+  passed without ``valid`` is caught here)."""
+  ref = lattice.reference_point(positions, mask, positions, mask, a_all_valid=all_valid)
+  _, flags = lattice.quantize(positions, vs, mask, ref)
+  flags |= lattice.voxel_size_flags(vs)
+  coarse = (jnp.floor(jnp.floor(positions / vs) / factor) * factor + 0.5) * vs
+  return errors.poison(coarse, flags), flags
+
+
+def downsample(positions, voxel_size, factor: int = 2, *, valid=None, batch=None,
+               capacity=None):
   """Output positions for a strided layer: one per occupied ``factor``-block of voxels.
 
   For voxel-centre positions ``(i + 0.5) * vs`` (what :func:`voxelize` gives), each
@@ -104,10 +164,12 @@ def downsample(positions, voxel_size, factor: int = 2, *, valid=None, batch=None
   ``voxel_size`` (Open3D's default offset covers ``{p, p + vs}`` per axis), and the
   inputs of the ``K=2`` transposed conv that up-samples back. The coarse points lie on
   a lattice of spacing ``factor * voxel_size``, usable as the next level's voxel size.
+  The positions must lie on the lattice of spacing ``voxel_size``; pass ``valid`` for
+  padded sets (see :func:`unique_voxels`).
 
   Returns:
-    ``(positions, num_coarse)`` or, with ``batch``, ``(positions, batch, num_coarse)``,
-    with the input's capacity (see :func:`unique_voxels`).
+    :class:`Coarse` ``(positions, count)`` or, with ``batch``, :class:`PackedCoarse`
+    ``(positions, batch, count)``, with ``capacity`` rows (default: the input's).
 
   >>> import jax.numpy as jnp
   >>> p = jnp.array([[0.5, 0.5, 0.5], [1.5, 0.5, 0.5], [2.5, 0.5, 0.5]])
@@ -117,9 +179,15 @@ def downsample(positions, voxel_size, factor: int = 2, *, valid=None, batch=None
   """
   positions = checks.check_positions("positions", positions)
   checks.check_voxel_size(voxel_size)
+  if not isinstance(factor, int) or factor < 1:
+    raise ValueError(f"factor must be a positive int, got {factor!r}")
+  n = positions.shape[0]
+  mask = checks.as_mask("valid", valid, n)
   vs = jnp.asarray(voxel_size, positions.dtype)
-  idx = jnp.floor(positions / vs)
-  coarse = (jnp.floor(idx / factor) * factor + 0.5) * vs
-  out = unique_voxels(coarse, jnp.zeros((positions.shape[0], 0), positions.dtype), voxel_size,
-                      valid=valid, batch=batch)
-  return (out[0], out[-1]) if batch is None else (out[0], out[2], out[3])
+  coarse, flags = _coarse(positions, vs, mask, factor=factor, all_valid=valid is None)
+  errors.report(flags, "downsample")
+  out = unique_voxels(coarse, jnp.zeros((n, 0), positions.dtype), voxel_size, valid=mask,
+                      batch=batch, capacity=capacity)
+  if batch is None:
+    return Coarse(out.positions, out.count)
+  return PackedCoarse(out.positions, out.batch, out.count)

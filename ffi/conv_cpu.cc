@@ -1,8 +1,11 @@
 // Native CPU kernels (float32) for the conv's inner ops, computing only the (output,
 // slot) pairs that exist: the gather-matmul y[m] = sum_s x[nbr[m, s]] @ w[s] (forward,
 // and the feature gradient through the inverse map) and the kernel gradient
-// dw[s] = sum_m x[nbr[m, s]]^T ct[m]; and two pieces of the neighbour search: the
-// sort of the input keys and the kernel map's inverse.
+// dw[s] = sum_m x[nbr[m, s]]^T ct[m]. (The neighbour search's kernels: search_cpu.cc.)
+//
+// Ops (FFI targets, this file's table at the end):
+//   jsc_cpu_gather_matmul:  x (N, Cin), w (S, Cin, Cout), nbr (M, S) -> y (M, Cout)
+//   jsc_cpu_kernel_grad:    x (N, Cin), ct (M, Cout), nbr (M, S) -> dw (S, Cin, Cout)
 //
 // Unlike the jnp path, which gathers a dense (rows, slots * Cin) block (the ~45% of empty
 // slots included) and hands it to a matmul, this walks the map: for a tile of output rows
@@ -12,25 +15,19 @@
 // results do not depend on the thread count (bitwise reproducible).
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <string>
-#include <thread>
 #include <utility>
 #include <vector>
 
+#include "common.h"
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define JSC_X86 1
-#endif
-
-namespace jsc_cpu {
-namespace ffi = xla::ffi;
+namespace jsc {
+namespace {
 
 constexpr int kTileRows = 32;
-constexpr int64_t kRowsPerThread = 512;  // below this, fewer threads
 
 #ifdef JSC_X86
 // acc[0, 8 NV) += xr[0, cin) @ ws[0, cin) x [0, 8 NV) (row stride cout).
@@ -102,10 +99,6 @@ struct Problem {
   int s, cin, cout;
 };
 
-inline ffi::Error invalid(const std::string& what) {
-  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jax_sparseconv cpu kernels: " + what);
-}
-
 void rows(const Problem& p, int64_t begin, int64_t end, bool avx2) {
   const int64_t wstride = int64_t(p.cin) * p.cout;
   for (int64_t m0 = begin; m0 < end; m0 += kTileRows) {
@@ -131,44 +124,20 @@ bool has_avx2() {
 #endif
 }
 
-// Threads for `work` rows of work, at most `cap`: hardware threads, fewer for small work.
-int num_threads(int64_t work, int64_t cap) {
-  static const int64_t hw = [] {
-    const char* env = std::getenv("JAX_SPARSECONV_CPU_THREADS");  // optional cap
-    const int64_t n = std::max(1u, std::thread::hardware_concurrency());
-    return env != nullptr && std::atoi(env) > 0 ? std::min<int64_t>(n, std::atoi(env)) : n;
-  }();
-  return int(std::max<int64_t>(1, std::min({hw, cap, work / kRowsPerThread})));
-}
-
-// f(t) for t in [0, threads), on that many threads (the caller's included).
-template <class F>
-void parallel(int threads, const F& f) {
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back([&f, t] { f(t); });
-  f(0);
-  for (auto& th : pool) th.join();
-}
-
-void run(const Problem& p) {
-  const bool avx2 = has_avx2();
-  const int threads = num_threads(p.m, p.m);
-  const int64_t per = (p.m + threads - 1) / threads;
-  parallel(threads, [&](int t) { rows(p, t * per, std::min(p.m, (t + 1) * per), avx2); });
-}
-
 ffi::Error GatherMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                         ffi::Buffer<ffi::S32> nbr, ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  auto xd = x.dimensions(), wd = w.dimensions(), nd = nbr.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || nd.size() != 2 || yd.size() != 2 || wd[1] != xd[1] ||
-      nd[1] != wd[0] || yd[0] != nd[0] || yd[1] != wd[2]) {
-    return invalid("gather_matmul: inconsistent shapes");
+  ConvShape sh;
+  if (!gather_matmul_shape(x.dimensions(), w.dimensions(), nbr.dimensions(), y->dimensions(),
+                           sh)) {
+    return invalid(std::string("cpu_gather_matmul: inconsistent shapes: expects ") +
+                   kGatherMatmulShapes);
   }
-  Problem p{x.typed_data(), w.typed_data(), nbr.typed_data(), y->typed_data(),
-            xd[0],          nd[0],          int(wd[0]),       int(xd[1]),
-            int(wd[2])};
+  const Problem p{x.typed_data(), w.typed_data(), nbr.typed_data(), y->typed_data(),
+                  sh.n, sh.m, int(sh.s), int(sh.cin), int(sh.cout)};
   if (p.m == 0 || p.cout == 0) return ffi::Error::Success();
-  run(p);
+  const bool avx2 = has_avx2();
+  parallel_rows(num_threads(p.m, p.m), p.m,
+                [&](int64_t begin, int64_t end) { rows(p, begin, end, avx2); });
   return ffi::Error::Success();
 }
 
@@ -261,14 +230,14 @@ void grad_slots(const Problem& p, int first, int step, bool avx2) {
 
 ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ct,
                       ffi::Buffer<ffi::S32> nbr, ffi::Result<ffi::Buffer<ffi::F32>> dw) {
-  auto xd = x.dimensions(), cd = ct.dimensions(), nd = nbr.dimensions(), dd = dw->dimensions();
-  if (xd.size() != 2 || cd.size() != 2 || nd.size() != 2 || dd.size() != 3 || nd[0] != cd[0] ||
-      dd[0] != nd[1] || dd[1] != xd[1] || dd[2] != cd[1]) {
-    return invalid("kernel_grad: inconsistent shapes");
+  ConvShape sh;
+  if (!kernel_grad_shape(x.dimensions(), ct.dimensions(), nbr.dimensions(), dw->dimensions(),
+                         sh)) {
+    return invalid(std::string("cpu_kernel_grad: inconsistent shapes: expects ") +
+                   kKernelGradShapes);
   }
-  Problem p{x.typed_data(), ct.typed_data(), nbr.typed_data(), dw->typed_data(),
-            xd[0],          cd[0],          int(nd[1]),        int(xd[1]),
-            int(cd[1])};
+  const Problem p{x.typed_data(), ct.typed_data(), nbr.typed_data(), dw->typed_data(),
+                  sh.n, sh.m, int(sh.s), int(sh.cin), int(sh.cout)};
   if (p.s == 0 || p.cin == 0 || p.cout == 0) return ffi::Error::Success();
   const bool avx2 = has_avx2();
   const int threads = num_threads(p.m, p.s);
@@ -276,148 +245,29 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ct,
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------- FFI handlers
+XLA_FFI_DEFINE_HANDLER(
+    JscCpuGatherMatmul, GatherMatmul,
+    ffi::Ffi::Bind()
+        .Arg<ffi::Buffer<ffi::F32>>()    // x: (N, Cin) input features
+        .Arg<ffi::Buffer<ffi::F32>>()    // w: (S, Cin, Cout) weights of each slot
+        .Arg<ffi::Buffer<ffi::S32>>()    // nbr: (M, S) kernel map, outside [0, N) = none
+        .Ret<ffi::Buffer<ffi::F32>>());  // y: (M, Cout) output features
 
-// ---------------------------------------------------------------- inverse map
-// inv[j, s] = the output m with nbr[m, s] = j (M where none), for each of the leading batch
-// entries, and unique = no (j, s) is read by two outputs (then inv is an exact inverse).
-// Threads own whole slots; a collision keeps the last row, and clears `unique`.
-ffi::Error Invert(ffi::Buffer<ffi::S32> nbr, ffi::Result<ffi::Buffer<ffi::S32>> inv,
-                  ffi::Result<ffi::Buffer<ffi::PRED>> unique) {
-  auto nd = nbr.dimensions(), id = inv->dimensions(), ud = unique->dimensions();
-  const size_t rank = nd.size();
-  bool ok = rank >= 2 && id.size() == rank && ud.size() == rank - 2 && id[rank - 1] == nd[rank - 1];
-  int64_t batch = 1;
-  for (size_t k = 0; ok && k + 2 < rank; ++k) {
-    ok = id[k] == nd[k] && ud[k] == nd[k];
-    batch *= nd[k];
-  }
-  if (!ok) {
-    return invalid("invert: inconsistent shapes");
-  }
-  const int64_t m = nd[rank - 2], s = nd[rank - 1], n = id[rank - 2];
-  if (m >= INT32_MAX) return invalid("invert: too many rows");
-  const int32_t* src = nbr.typed_data();
-  int32_t* dst = inv->typed_data();
-  bool* uniq = unique->typed_data();
-  const int threads = num_threads(m * s / 8, s);
-  std::vector<char> clash(size_t(batch) * threads, 0);
-  parallel(threads, [&](int t) {
-    for (int64_t b = 0; b < batch; ++b) {
-      const int32_t* nb = src + b * m * s;
-      int32_t* out = dst + b * n * s;
-      for (int64_t sl = t; sl < s; sl += threads) {
-        for (int64_t j = 0; j < n; ++j) out[j * s + sl] = int32_t(m);
-        for (int64_t r = 0; r < m; ++r) {
-          const int32_t j = nb[r * s + sl];
-          if (j < 0 || j >= n) continue;
-          int32_t& e = out[int64_t(j) * s + sl];
-          if (e != m) clash[size_t(b) * threads + t] = 1;
-          e = int32_t(r);
-        }
-      }
-    }
-  });
-  for (int64_t b = 0; b < batch; ++b) {
-    bool any = false;
-    for (int t = 0; t < threads; ++t) any |= clash[size_t(b) * threads + t] != 0;
-    uniq[b] = !any;
-  }
-  return ffi::Error::Success();
-}
+XLA_FFI_DEFINE_HANDLER(
+    JscCpuKernelGrad, KernelGrad,
+    ffi::Ffi::Bind()
+        .Arg<ffi::Buffer<ffi::F32>>()    // x: (N, Cin) input features
+        .Arg<ffi::Buffer<ffi::F32>>()    // ct: (M, Cout) output cotangent
+        .Arg<ffi::Buffer<ffi::S32>>()    // nbr: (M, S) kernel map, outside [0, N) = none
+        .Ret<ffi::Buffer<ffi::F32>>());  // dw: (S, Cin, Cout) kernel gradient
 
+constexpr JscHandler kHandlers[] = {
+    {"jsc_cpu_gather_matmul", JscCpuGatherMatmul},
+    {"jsc_cpu_kernel_grad", JscCpuKernelGrad},
+};
 
-// ---------------------------------------------------------------- key sort
-// Sorts the two-word keys (hi, lo) of each leading batch entry with their positions:
-// (hi, lo, perm) in ascending (hi, lo, position) order, so equal keys keep their order.
-// LSD radix sort of the 64-bit key (hi << 32 | lo), 16 bits a pass, stable; passes whose
-// digit is the same for every key are skipped.
-ffi::Error SortKeys(ffi::Buffer<ffi::U32> hi, ffi::Buffer<ffi::U32> lo,
-                    ffi::Result<ffi::Buffer<ffi::U32>> hi_out,
-                    ffi::Result<ffi::Buffer<ffi::U32>> lo_out,
-                    ffi::Result<ffi::Buffer<ffi::S32>> perm) {
-  auto d = hi.dimensions();
-  const auto same = [&](auto dims) {
-    if (dims.size() != d.size()) return false;
-    for (size_t k = 0; k < d.size(); ++k)
-      if (dims[k] != d[k]) return false;
-    return true;
-  };
-  if (d.size() < 1 || !same(lo.dimensions()) || !same(hi_out->dimensions()) ||
-      !same(lo_out->dimensions()) || !same(perm->dimensions())) {
-    return invalid("sort_keys: inconsistent shapes");
-  }
-  const int64_t n = d[d.size() - 1];
-  if (n >= INT32_MAX) return invalid("sort_keys: too many keys");
-  const int64_t batch = n == 0 ? 0 : int64_t(hi.element_count()) / n;
-  std::vector<uint64_t> key(n), key2(n);
-  std::vector<int32_t> idx(n), idx2(n);
-  std::vector<int64_t> count(1 << 16);
-  for (int64_t b = 0; b < batch; ++b) {
-    const uint32_t* h = hi.typed_data() + b * n;
-    const uint32_t* l = lo.typed_data() + b * n;
-    uint64_t all_or = 0, all_and = ~uint64_t(0);
-    for (int64_t i = 0; i < n; ++i) {
-      key[i] = (uint64_t(h[i]) << 32) | l[i];
-      idx[i] = int32_t(i);
-      all_or |= key[i];
-      all_and &= key[i];
-    }
-    for (int shift = 0; shift < 64; shift += 16) {
-      if ((((all_or ^ all_and) >> shift) & 0xffff) == 0) continue;  // one digit value: no-op
-      std::fill(count.begin(), count.end(), 0);
-      for (int64_t i = 0; i < n; ++i) ++count[(key[i] >> shift) & 0xffff];
-      int64_t sum = 0;
-      for (auto& c : count) {
-        const int64_t t = c;
-        c = sum;
-        sum += t;
-      }
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t at = count[(key[i] >> shift) & 0xffff]++;
-        key2[at] = key[i];
-        idx2[at] = idx[i];
-      }
-      key.swap(key2);
-      idx.swap(idx2);
-    }
-    uint32_t* ho = hi_out->typed_data() + b * n;
-    uint32_t* lw = lo_out->typed_data() + b * n;
-    int32_t* pm = perm->typed_data() + b * n;
-    for (int64_t i = 0; i < n; ++i) {
-      ho[i] = uint32_t(key[i] >> 32);
-      lw[i] = uint32_t(key[i]);
-      pm[i] = idx[i];
-    }
-  }
-  return ffi::Error::Success();
-}
+}  // namespace
+}  // namespace jsc
 
-}  // namespace jsc_cpu
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JscCpuGatherMatmul, jsc_cpu::GatherMatmul,
-                              xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JscCpuKernelGrad, jsc_cpu::KernelGrad,
-                              xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JscCpuInvert, jsc_cpu::Invert,
-                              xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::S32>>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::PRED>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JscCpuSortKeys, jsc_cpu::SortKeys,
-                              xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::U32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::U32>>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::U32>>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::U32>>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::S32>>());
+JSC_EXPORT_HANDLERS(conv_cpu, jsc::kHandlers)

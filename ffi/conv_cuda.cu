@@ -1,0 +1,556 @@
+// Sparse-conv kernels and their XLA FFI handlers.
+//
+// One source, two builds: nvcc makes the CUDA library, and g++ makes a CPU library of
+// the same file through cuda_host_shim.h (see conv_cuda_host.cc), so CI runs every
+// kernel's indexing through the whole test suite without a GPU.
+//
+// Ops (FFI targets, this file's table at the end; kernel map `nbr` (M, S) int32, entry
+// outside [0, N) = no neighbour):
+//   jsc_gather_matmul:  y[m] = sum_s x[nbr[m, s]] @ w[s]          x (N, Cin), w (S, Cin, Cout)
+//   jsc_kernel_grad:    dw[s] = sum_m x[nbr[m, s]]^T ct[m]        ct (M, Cout)
+// The conv's feature gradient is jsc_gather_matmul over the inverse map with w
+// transposed (a gather, no atomics). Every output element is summed by one thread in a
+// fixed order (slots, then channels; the kernel gradient over fixed row partitions,
+// then the partials in partition order), so results are bitwise reproducible.
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+using jsc_stream_t = cudaStream_t;
+#define JSC_LAUNCH(kernel, grid, block, stream, ...) \
+  kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#define JSC_CHECK_LAUNCH() ::jsc::launch_error()
+#define JSC_SHARED(type, name, dims) __shared__ type name dims
+// The handlers take XLA's stream, and only enqueue kernels on it (no host synchronisation,
+// no allocation), so XLA may record them into command buffers (CUDA graphs).
+#define JSC_BIND() ::xla::ffi::Ffi::Bind().Ctx<::xla::ffi::PlatformStream<cudaStream_t>>()
+#define JSC_DEFINE_HANDLER(fn, impl, binding)                  \
+  XLA_FFI_DEFINE_HANDLER_EXPLICIT_WITH_TRAITS(fn, impl, binding, \
+                                              {::xla::ffi::Traits::kCmdBufferCompatible})
+#define JSC_STREAM_PARAM cudaStream_t stream,
+#else
+#include "cuda_host_shim.h"
+// The host build has no stream.
+#define JSC_BIND() ::xla::ffi::Ffi::Bind()
+#define JSC_DEFINE_HANDLER(fn, impl, binding) XLA_FFI_DEFINE_HANDLER(fn, impl, binding)
+#define JSC_STREAM_PARAM
+static constexpr jsc_stream_t stream = 0;
+#endif
+
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <type_traits>
+
+#include "common.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jsc {
+
+#ifdef __CUDACC__
+inline const char* launch_error() {
+  cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+// Compute capability (major * 10 + minor) of the device that runs `stream`.
+inline int compute_capability(cudaStream_t stream) {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaStreamGetDevice(stream, &dev) != cudaSuccess) cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  cudaGetLastError();  // a failed query is not the launch's error
+  return major * 10 + minor;
+}
+#else
+inline int compute_capability(jsc_stream_t) { return jsc_shim::compute_capability(); }
+#endif
+
+// bfloat16 WMMA needs compute capability 8.0. Device code compiled for an older GPU
+// (sm_75) leaves the bf16 tensor-core kernel empty, and the launch picks the CUDA-core
+// kernel for bf16 on such a GPU instead (float32 accumulation, the same results).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+constexpr bool kArchHasBf16Mma = false;
+#else
+constexpr bool kArchHasBf16Mma = true;
+#endif
+constexpr int kMinCcBf16Mma = 80;
+
+// ---------------------------------------------------------------- per-thread helpers
+template <class T>
+struct Acc {
+  using type = float;  // half types and float accumulate in float32
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+__host__ __device__ inline float load_acc(float v) { return v; }
+__host__ __device__ inline double load_acc(double v) { return v; }
+__host__ __device__ inline float load_acc(__half v) { return __half2float(v); }
+__host__ __device__ inline float load_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+__host__ __device__ inline void store(float* p, float v) { *p = v; }
+__host__ __device__ inline void store(double* p, double v) { *p = v; }
+__host__ __device__ inline void store(__half* p, float v) { *p = __float2half(v); }
+__host__ __device__ inline void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
+
+// Tile sizes: a block owns BM output rows x BN output channels (SIMT: 256 threads,
+// 4x4 each, strided by 16 so shared-memory reads are conflict free).
+constexpr int kThreads = 256;
+constexpr int BM = 64;
+constexpr int BN = 64;
+constexpr int BK = 16;        // reduction step of the SIMT kernels
+constexpr int HBK = 32;       // reduction step of the tensor-core kernel
+constexpr int LDA = BM + 1;   // k-major A tile, padded against bank conflicts
+constexpr int LDH = HBK + 8;  // row-major half A tile (WMMA: multiple of 8)
+constexpr int LDB_H = BN + 8; // row-major half B tile
+constexpr int LDC = BN + 4;   // float staging of the accumulators
+constexpr int64_t kMaxGridZ = 65535;  // CUDA's limit on gridDim.z (and .y)
+
+// What the indexing below assumes of the tile constants (checked for both builds).
+static_assert(kThreads == 256 && BM * BN == kThreads * 16, "SIMT: 4 x 4 outputs per thread");
+static_assert(BM == 4 * 16 && BN == 4 * 16, "SIMT: thread (tr, tc) owns rows tr + 16 i, cols tc + 16 j");
+static_assert(kThreads / 32 == (BM / 16) * (BN / 32), "WMMA: 8 warps own 16 x 32 each");
+static_assert(HBK % 16 == 0 && BK % 4 == 0, "reduction steps: whole WMMA k-steps");
+static_assert((BM * BK) % kThreads == 0 && (BK * BN) % kThreads == 0 &&
+                  (BM * HBK) % kThreads == 0 && (HBK * BN) % kThreads == 0,
+              "tile copies: a whole number of elements per thread");
+// WMMA: ldm a multiple of 16 bytes (8 half / 4 float elements), and every fragment
+// pointer 32-byte aligned: row offsets of 16 rows and column offsets of 16 elements.
+static_assert(LDH % 8 == 0 && LDB_H % 8 == 0 && LDC % 4 == 0, "WMMA ldm: multiple of 16 bytes");
+static_assert((16 * LDH * 2) % 32 == 0 && (16 * LDB_H * 2) % 32 == 0 &&
+                  (16 * LDC * 4) % 32 == 0 && (16 * 2) % 32 == 0,
+              "WMMA fragment pointers stay 32-byte aligned");
+static_assert(LDH >= HBK && LDB_H >= BN && LDC >= BN, "padded rows hold the tile");
+
+// Neighbour index, or -1 for none (anything outside [0, n) counts as none).
+__host__ __device__ inline int32_t neighbour(const int32_t* nbr, int64_t row, int64_t rows, int s,
+                                            int num_slots, int64_t n) {
+  if (row >= rows) return -1;
+  const int32_t j = nbr[row * num_slots + s];
+  return (j >= 0 && j < n) ? j : -1;
+}
+
+// rows[t] = the neighbour at slot s of row r0 + t, for t < count (rows from `end` on: none);
+// whether any exists, for the whole block (a barrier: every thread calls it).
+__device__ inline bool load_rows(int32_t* rows, int count, const int32_t* nbr, int64_t r0,
+                                 int64_t end, int s, int num_slots, int64_t n, int tid) {
+  int present = 0;
+  if (tid < count) {
+    rows[tid] = neighbour(nbr, r0 + tid, end, s, num_slots, n);
+    present = rows[tid] >= 0;
+  }
+  return __syncthreads_or(present);
+}
+
+// acc[i][j] += sum_k a[k][tr + 16 i] * b[k][tc + 16 j] over one BK step.
+template <class A>
+__host__ __device__ inline void fma_tile(const A* a, const A* b, int tr, int tc, A (&acc)[4][4]) {
+  for (int k = 0; k < BK; ++k) {
+    A av[4], bv[4];
+    for (int i = 0; i < 4; ++i) av[i] = a[k * LDA + tr + 16 * i];
+    for (int j = 0; j < 4; ++j) bv[j] = b[k * BN + tc + 16 * j];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
+  }
+}
+
+// Block-strided copy of rows [r0, r0 + BK) x cols [c0, c0 + BN) of a row-major
+// (rows, cols) matrix into b[k][c], zero outside (or where `keep[k]` is false).
+template <class T, class A>
+__host__ __device__ inline void load_b_tile(A* b, const T* src, int64_t r0, int64_t rows,
+                                            int c0, int cols, const int32_t* keep, int tid) {
+  for (int e = tid; e < BK * BN; e += kThreads) {
+    const int k = e / BN, c = e % BN;
+    const bool ok = r0 + k < rows && c0 + c < cols && (keep == nullptr || keep[k] >= 0);
+    b[k * BN + c] = ok ? load_acc(src[(r0 + k) * cols + c0 + c]) : A(0);
+  }
+}
+
+// ---------------------------------------------------------------- gather-matmul, SIMT
+// float32 and float64. grid (ceil(M / BM), ceil(Cout / BN)).
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    gather_matmul_simt(const T* x, const T* w, const int32_t* nbr, T* y, int64_t n, int64_t m,
+                       int num_slots, int cin, int cout) {
+  using A = typename Acc<T>::type;
+  JSC_SHARED(int32_t, rows, [BM]);
+  JSC_SHARED(A, xs, [BK * LDA]);
+  JSC_SHARED(A, ws, [BK * BN]);
+  const int tid = threadIdx.x, tr = tid / 16, tc = tid % 16;
+  const int64_t m0 = int64_t(blockIdx.x) * BM;
+  const int n0 = blockIdx.y * BN;
+  A acc[4][4];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
+  for (int s = 0; s < num_slots; ++s) {
+    if (!load_rows(rows, BM, nbr, m0, m, s, num_slots, n, tid)) continue;  // none: skip the tile
+    for (int k0 = 0; k0 < cin; k0 += BK) {
+      for (int e = tid; e < BM * BK; e += kThreads) {  // the gather: reused by all BN columns
+        const int r = e / BK, k = e % BK;
+        const int32_t j = rows[r];
+        xs[k * LDA + r] = (j >= 0 && k0 + k < cin) ? load_acc(x[int64_t(j) * cin + k0 + k]) : A(0);
+      }
+      load_b_tile(ws, w + int64_t(s) * cin * cout, k0, cin, n0, cout, nullptr, tid);
+      __syncthreads();
+      fma_tile(xs, ws, tr, tc, acc);
+      __syncthreads();
+    }
+  }
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const int64_t r = m0 + tr + 16 * i;
+      const int c = n0 + tc + 16 * j;
+      if (r < m && c < cout) store(&y[r * cout + c], acc[i][j]);
+    }
+}
+
+// ---------------------------------------------------------------- gather-matmul, tensor cores
+// float16 / bfloat16 inputs, float32 accumulation (WMMA 16x16x16). 8 warps: warp w owns
+// rows 16 (w / 2) and columns 32 (w % 2) + [0, 32) of the block's 64 x 64 tile.
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    gather_matmul_mma(const T* x, const T* w, const int32_t* nbr, T* y, int64_t n, int64_t m,
+                      int num_slots, int cin, int cout) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value && !kArchHasBf16Mma) {
+    __trap();  // not launched: below compute capability 8.0, bf16 runs gather_matmul_simt
+  } else {
+    namespace wmma = nvcuda::wmma;
+    JSC_SHARED(int32_t, rows, [BM]);
+    JSC_SHARED(__align__(32) T, xs, [BM * LDH]);
+    JSC_SHARED(__align__(32) T, ws, [HBK * LDB_H]);
+    JSC_SHARED(__align__(32) float, cs, [BM * LDC]);
+    const int tid = threadIdx.x, warp = tid / 32, wr = warp / 2, wc = warp % 2;
+    const int64_t m0 = int64_t(blockIdx.x) * BM;
+    const int n0 = blockIdx.y * BN;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[j], 0.0f);
+    for (int s = 0; s < num_slots; ++s) {
+      if (!load_rows(rows, BM, nbr, m0, m, s, num_slots, n, tid)) continue;
+      const T* ws_src = w + int64_t(s) * cin * cout;
+      for (int k0 = 0; k0 < cin; k0 += HBK) {
+        for (int e = tid; e < BM * HBK; e += kThreads) {
+          const int r = e / HBK, k = e % HBK;
+          const int32_t j = rows[r];
+          if (j >= 0 && k0 + k < cin) {
+            xs[r * LDH + k] = x[int64_t(j) * cin + k0 + k];
+          } else {
+            store(&xs[r * LDH + k], 0.0f);
+          }
+        }
+        for (int e = tid; e < HBK * BN; e += kThreads) {
+          const int k = e / BN, c = e % BN;
+          if (k0 + k < cin && n0 + c < cout) {
+            ws[k * LDB_H + c] = ws_src[int64_t(k0 + k) * cout + n0 + c];
+          } else {
+            store(&ws[k * LDB_H + c], 0.0f);
+          }
+        }
+        __syncthreads();
+        for (int k = 0; k < HBK; k += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+          wmma::load_matrix_sync(a, xs + wr * 16 * LDH + k, LDH);
+          for (int j = 0; j < 2; ++j) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+            wmma::load_matrix_sync(b, ws + k * LDB_H + wc * 32 + j * 16, LDB_H);
+            wmma::mma_sync(acc[j], a, b, acc[j]);
+          }
+        }
+        __syncthreads();
+      }
+    }
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(cs + wr * 16 * LDC + wc * 32 + j * 16, acc[j], LDC,
+                              wmma::mem_row_major);
+    __syncthreads();
+    for (int e = tid; e < BM * BN; e += kThreads) {
+      const int r = e / BN, c = e % BN;
+      if (m0 + r < m && n0 + c < cout) store(&y[(m0 + r) * cout + n0 + c], cs[r * LDC + c]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- kernel gradient
+// Partial sums over fixed row partitions: grid (ceil(Cin / BM), ceil(Cout / BN), S * P),
+// part[p, s] = sum over rows of partition p of x[nbr[m, s]]^T ct[m].
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    kernel_grad_partial(const T* x, const T* ct, const int32_t* nbr, typename Acc<T>::type* part,
+                        int64_t n, int64_t m, int num_slots, int cin, int cout, int parts) {
+  using A = typename Acc<T>::type;
+  JSC_SHARED(int32_t, rows, [BK]);
+  JSC_SHARED(A, xs, [BK * LDA]);
+  JSC_SHARED(A, cs, [BK * BN]);
+  const int tid = threadIdx.x, tr = tid / 16, tc = tid % 16;
+  const int i0 = blockIdx.x * BM, c0 = blockIdx.y * BN;
+  const int s = blockIdx.z % num_slots, p = blockIdx.z / num_slots;
+  const int64_t per = (m + parts - 1) / parts;
+  const int64_t mb = p * per, me = mb + per < m ? mb + per : m;
+  A acc[4][4];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
+  for (int64_t r0 = mb; r0 < me; r0 += BK) {
+    if (!load_rows(rows, BK, nbr, r0, me, s, num_slots, n, tid)) continue;
+    for (int e = tid; e < BK * BM; e += kThreads) {  // xs[k][i] = x[nbr[r0 + k, s], i0 + i]
+      const int k = e / BM, i = e % BM;
+      const int32_t j = rows[k];
+      xs[k * LDA + i] = (j >= 0 && i0 + i < cin) ? load_acc(x[int64_t(j) * cin + i0 + i]) : A(0);
+    }
+    load_b_tile(cs, ct, r0, me, c0, cout, rows, tid);
+    __syncthreads();
+    fma_tile(xs, cs, tr, tc, acc);
+    __syncthreads();
+  }
+  A* out = part + (int64_t(p) * num_slots + s) * cin * cout;
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const int ci = i0 + tr + 16 * i, co = c0 + tc + 16 * j;
+      if (ci < cin && co < cout) out[int64_t(ci) * cout + co] = acc[i][j];
+    }
+}
+
+// dw[e] = sum_p part[p, e], in partition order.
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    sum_partials(const typename Acc<T>::type* part, T* dw, int64_t size, int parts) {
+  const int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (e >= size) return;
+  typename Acc<T>::type sum = 0;
+  for (int p = 0; p < parts; ++p) sum += part[p * size + e];
+  store(&dw[e], sum);
+}
+
+// ---------------------------------------------------------------- launches and their checks
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline ffi::Error launched() {
+  if (const char* err = JSC_CHECK_LAUNCH()) {
+    return error(ffi::ErrorCode::kInternal, err);
+  }
+  return ffi::Error::Success();
+}
+
+template <class T>
+struct Tag {
+  using type = T;
+};
+
+// f(Tag<T>{}) for the element type t; false for types the kernels do not take.
+template <class F>
+bool by_dtype(ffi::DataType t, F&& f) {
+  switch (t) {
+    case ffi::DataType::F32: f(Tag<float>{}); return true;
+    case ffi::DataType::F64: f(Tag<double>{}); return true;
+    case ffi::DataType::F16: f(Tag<__half>{}); return true;
+    case ffi::DataType::BF16: f(Tag<__nv_bfloat16>{}); return true;
+    default: return false;
+  }
+}
+
+// float32/float64 on the CUDA cores, float16/bfloat16 on the tensor cores.
+template <class T>
+void gather_matmul_launch(jsc_stream_t stream, const void* x, const void* w, const int32_t* nbr,
+                          void* y, int64_t n, int64_t m, int s, int cin, int cout) {
+  const dim3 grid(unsigned(ceil_div(m, BM)), unsigned(ceil_div(cout, BN)));
+  const T* xt = static_cast<const T*>(x);
+  const T* wt = static_cast<const T*>(w);
+  T* yt = static_cast<T*>(y);
+  if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value) {
+    JSC_LAUNCH(gather_matmul_simt<T>, grid, dim3(kThreads), stream, xt, wt, nbr, yt, n, m, s,
+               cin, cout);
+  } else if (std::is_same<T, __nv_bfloat16>::value &&
+             compute_capability(stream) < kMinCcBf16Mma) {  // no bf16 tensor cores
+    JSC_LAUNCH(gather_matmul_simt<T>, grid, dim3(kThreads), stream, xt, wt, nbr, yt, n, m, s,
+               cin, cout);
+  } else {
+    JSC_LAUNCH(gather_matmul_mma<T>, grid, dim3(kThreads), stream, xt, wt, nbr, yt, n, m, s, cin,
+               cout);
+  }
+}
+
+ffi::Error GatherMatmul(JSC_STREAM_PARAM ffi::AnyBuffer x, ffi::AnyBuffer w,
+                        ffi::Buffer<ffi::S32> nbr, ffi::Result<ffi::AnyBuffer> y) {
+  ConvShape sh;
+  if (!gather_matmul_shape(x.dimensions(), w.dimensions(), nbr.dimensions(), y->dimensions(),
+                           sh)) {
+    return invalid(std::string("gather_matmul: inconsistent shapes: expects ") +
+                   kGatherMatmulShapes);
+  }
+  const int64_t n = sh.n, m = sh.m, s = sh.s, cin = sh.cin, cout = sh.cout;
+  const ffi::DataType t = x.element_type();
+  if (w.element_type() != t || y->element_type() != t) {
+    return invalid("gather_matmul: x, w and y must share one dtype");
+  }
+  if (!fits_int32(n) || m >= (int64_t(1) << 40)) return invalid("gather_matmul: too many rows");
+  if (m == 0 || cout == 0) return ffi::Error::Success();
+  const int32_t* idx = nbr.typed_data();
+  const bool ok = by_dtype(t, [&](auto tag) {
+    gather_matmul_launch<typename decltype(tag)::type>(stream, x.untyped_data(),
+                                                      w.untyped_data(), idx, y->untyped_data(),
+                                                      n, m, int(s), int(cin), int(cout));
+  });
+  if (!ok) return invalid("gather_matmul: dtype must be float16, bfloat16, float32 or float64");
+  return launched();
+}
+
+template <class T>
+void kernel_grad_launch(jsc_stream_t stream, const void* x, const void* ct, const int32_t* nbr,
+                        void* dw, void* part, int64_t n, int64_t m, int s, int cin, int cout,
+                        int parts) {
+  using A = typename Acc<T>::type;
+  const dim3 grid(unsigned(ceil_div(cin, BM)), unsigned(ceil_div(cout, BN)), unsigned(s * parts));
+  JSC_LAUNCH(kernel_grad_partial<T>, grid, dim3(kThreads), stream, static_cast<const T*>(x),
+             static_cast<const T*>(ct), nbr, static_cast<A*>(part), n, m, s, cin, cout, parts);
+  const int64_t size = int64_t(s) * cin * cout;
+  JSC_LAUNCH(sum_partials<T>, dim3(unsigned(ceil_div(size, kThreads))), dim3(kThreads), stream,
+             static_cast<const A*>(part), static_cast<T*>(dw), size, parts);
+}
+
+ffi::Error KernelGrad(JSC_STREAM_PARAM ffi::AnyBuffer x, ffi::AnyBuffer ct,
+                      ffi::Buffer<ffi::S32> nbr, ffi::Result<ffi::AnyBuffer> dw,
+                      ffi::Result<ffi::AnyBuffer> part) {
+  ConvShape sh;
+  const int64_t parts = dim(part->dimensions(), 0);
+  if (!kernel_grad_shape(x.dimensions(), ct.dimensions(), nbr.dimensions(), dw->dimensions(),
+                         sh) ||
+      !has_shape(part->dimensions(), {parts, sh.s, sh.cin, sh.cout}) || parts < 1) {
+    return invalid(std::string("kernel_grad: inconsistent shapes: expects ") +
+                   kKernelGradShapes + ", part (P, S, Cin, Cout) with P >= 1");
+  }
+  const int64_t n = sh.n, m = sh.m, s = sh.s, cin = sh.cin, cout = sh.cout;
+  // The partial sums run on a grid (ceil(Cin / 64), ceil(Cout / 64), S * P), and CUDA caps
+  // gridDim.z. How many partitions P to use is policy, decided in Python (from the shapes
+  // alone, so the summation order is fixed) and passed down as the workspace's leading
+  // axis; here it is only validated against the launch limit.
+  if (s * parts > kMaxGridZ) {
+    return invalid("kernel_grad: S * P = " + std::to_string(s) + " * " + std::to_string(parts) +
+                   " partial-sum blocks exceed the CUDA grid limit gridDim.z <= " +
+                   std::to_string(kMaxGridZ) + "; pass a workspace with fewer partitions P");
+  }
+  const ffi::DataType t = x.element_type();
+  const ffi::DataType acc = t == ffi::DataType::F64 ? ffi::DataType::F64 : ffi::DataType::F32;
+  if (ct.element_type() != t || dw->element_type() != t || part->element_type() != acc) {
+    return invalid("kernel_grad: x, ct and dw must share one dtype; part is its accumulator");
+  }
+  if (!fits_int32(n)) return invalid("kernel_grad: too many rows");
+  if (s == 0 || cin == 0 || cout == 0) return ffi::Error::Success();
+  const bool ok = by_dtype(t, [&](auto tag) {
+    kernel_grad_launch<typename decltype(tag)::type>(
+        stream, x.untyped_data(), ct.untyped_data(), nbr.typed_data(), dw->untyped_data(),
+        part->untyped_data(), n, m, int(s), int(cin), int(cout), int(parts));
+  });
+  if (!ok) return invalid("kernel_grad: dtype must be float16, bfloat16, float32 or float64");
+  return launched();
+}
+
+// ---------------------------------------------------------------- FFI handlers
+namespace {
+
+JSC_DEFINE_HANDLER(
+    JscGatherMatmul, GatherMatmul,
+    JSC_BIND()
+        .Arg<ffi::AnyBuffer>()          // x: (N, Cin) input features
+        .Arg<ffi::AnyBuffer>()          // w: (S, Cin, Cout) weights of each slot, x's dtype
+        .Arg<ffi::Buffer<ffi::S32>>()   // nbr: (M, S) kernel map, outside [0, N) = none
+        .Ret<ffi::AnyBuffer>());        // y: (M, Cout) output features, x's dtype
+
+JSC_DEFINE_HANDLER(
+    JscKernelGrad, KernelGrad,
+    JSC_BIND()
+        .Arg<ffi::AnyBuffer>()          // x: (N, Cin) input features
+        .Arg<ffi::AnyBuffer>()          // ct: (M, Cout) output cotangent, x's dtype
+        .Arg<ffi::Buffer<ffi::S32>>()   // nbr: (M, S) kernel map, outside [0, N) = none
+        .Ret<ffi::AnyBuffer>()          // dw: (S, Cin, Cout) kernel gradient, x's dtype
+        .Ret<ffi::AnyBuffer>());        // part: (P, S, Cin, Cout) partial sums, f32 (f64: f64)
+
+constexpr JscHandler kHandlers[] = {
+    {"jsc_gather_matmul", JscGatherMatmul},
+    {"jsc_kernel_grad", JscKernelGrad},
+};
+
+}  // namespace
+}  // namespace jsc
+
+JSC_EXPORT_HANDLERS(conv_cuda, jsc::kHandlers)
+
+#ifdef __CUDACC__
+// ---------------------------------------------------------------- can the kernels run here?
+// For module.cc (jax_sparseconv/_src/cuda_support.py decides): the versions of the static
+// CUDA runtime linked in and of the installed driver, and a probe launch.
+namespace jsc {
+constexpr int kProbeValue = 0x5ca1ab1e;
+__global__ void probe_kernel(int* out) {
+  if (threadIdx.x == 0 && blockIdx.x == 0) *out = kProbeValue;
+}
+}  // namespace jsc
+
+extern "C" int jsc_cuda_runtime_version() {
+  int v = 0;
+  cudaRuntimeGetVersion(&v);
+  return v;
+}
+
+// The CUDA version the driver supports (e.g. 13000 for 13.0), 0 without a driver.
+extern "C" int jsc_cuda_driver_version() {
+  int v = 0;
+  if (cudaDriverGetVersion(&v) != cudaSuccess) v = 0;
+  return v;
+}
+
+// Launches probe_kernel (compiled with the conv kernels, for the same architectures) on
+// `device` in a stream of its own and reads its result back: 1 on success, else 0 and
+// the step and CUDA error in `msg` ("no kernel image is available", "CUDA driver version
+// is insufficient", a PTX JIT failure, ...). binaryVersion / ptxVersion of the image the
+// driver picked (e.g. 80 / 90) go to *binary / *ptx.
+extern "C" int jsc_cuda_probe(int device, char* msg, int msg_len, int* binary, int* ptx) {
+  *binary = *ptx = 0;
+  const char* step = "cudaGetDevice";
+  cudaError_t e = cudaSuccess;
+  int previous = 0, host = 0, *out = nullptr;
+  cudaStream_t stream = nullptr;
+  cudaFuncAttributes attr{};
+  bool switched = false;
+  if ((e = cudaGetDevice(&previous)) != cudaSuccess) goto done;
+  step = "cudaSetDevice";
+  if ((e = cudaSetDevice(device)) != cudaSuccess) goto done;
+  switched = true;
+  step = "cudaFuncGetAttributes";
+  if ((e = cudaFuncGetAttributes(&attr, jsc::probe_kernel)) != cudaSuccess) goto done;
+  *binary = attr.binaryVersion;
+  *ptx = attr.ptxVersion;
+  step = "cudaStreamCreate";
+  if ((e = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking)) != cudaSuccess) goto done;
+  step = "cudaMalloc";
+  if ((e = cudaMalloc(&out, sizeof(int))) != cudaSuccess) goto done;
+  step = "cudaMemsetAsync";
+  if ((e = cudaMemsetAsync(out, 0, sizeof(int), stream)) != cudaSuccess) goto done;
+  step = "launch";
+  jsc::probe_kernel<<<1, 32, 0, stream>>>(out);
+  if ((e = cudaGetLastError()) != cudaSuccess) goto done;
+  step = "cudaMemcpyAsync";
+  if ((e = cudaMemcpyAsync(&host, out, sizeof(int), cudaMemcpyDeviceToHost, stream)) !=
+      cudaSuccess) {
+    goto done;
+  }
+  step = "cudaStreamSynchronize";
+  e = cudaStreamSynchronize(stream);
+done:
+  if (out != nullptr) cudaFree(out);
+  if (stream != nullptr) cudaStreamDestroy(stream);
+  if (switched) cudaSetDevice(previous);
+  if (e != cudaSuccess) {
+    std::snprintf(msg, size_t(msg_len), "%s: %s (%s)", step, cudaGetErrorString(e),
+                  cudaGetErrorName(e));
+    cudaGetLastError();  // not sticky for the kernels' own launch checks
+    return 0;
+  }
+  if (host != jsc::kProbeValue) {
+    std::snprintf(msg, size_t(msg_len), "the probe kernel ran but did not write its result");
+    return 0;
+  }
+  return 1;
+}
+#endif

@@ -1,0 +1,159 @@
+"""The compiled kernels of ``ffi/``: loading, registration and ``ffi_call`` wrappers.
+
+Two extension modules of this package carry the XLA FFI handlers:
+
+* ``_cuda_kernels``: nvcc's build of the CUDA conv kernels, registered for
+  ``platform="CUDA"``; present when nvcc was found at install time.
+* ``_host_kernels``, registered for ``platform="cpu"``: the same CUDA source compiled by
+  g++ through ``ffi/cuda_host_shim.h`` (every CUDA thread a fiber, blocks in turn; slow,
+  so that the kernels' indexing runs through the test suite without a GPU), the native
+  CPU conv kernels (float32 gather-matmul and kernel gradient over the pairs that
+  exist, AVX2, threads) and the native CPU search kernels (key sort, neighbour lookup,
+  inverse map).
+
+Each wrapper below is one ``jax.ffi.ffi_call``; which one runs is decided in
+``backend.py``. Policies that the kernels need (the kernel gradient's partition count)
+are decided here and passed down as shapes: the kernels take no attributes.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+
+_SUPPORTED = tuple(jnp.dtype(t) for t in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
+#: Bound on the kernel-gradient partial sums, in elements (deterministic reduction).
+PARTIAL_ELEMS = 16 * 2**20
+
+
+def _load(name: str, platform: str):
+  """Imports one kernel build and registers its handlers; None when it is absent."""
+  try:
+    module = importlib.import_module(f"jax_sparseconv.{name}")
+  except ImportError:
+    return None
+  for target, capsule in module.handlers().items():
+    jax.ffi.register_ffi_target(target, capsule, platform=platform)
+    targets.add((target, platform))
+  return module
+
+
+#: ``(target name, platform)`` of every registered handler.
+targets: set[tuple[str, str]] = set()
+
+
+host = _load("_host_kernels", "cpu")
+cuda = _load("_cuda_kernels", "CUDA")
+
+
+def xla_ffi_api_minor() -> dict[str, int]:
+  """FFI API minor version each build was compiled against (0.4 for jaxlib 0.11.2)."""
+  return {name: int(mod.xla_ffi_api_minor)
+          for name, mod in (("cuda", cuda), ("host", host)) if mod is not None}
+
+
+# ------------------------------------------------------------------ conv (CUDA source)
+
+
+def _compute_dtype(*dtypes):
+  dt = jnp.result_type(*dtypes)
+  if dt not in _SUPPORTED:
+    raise TypeError(f"the compiled kernels take float16, bfloat16, float32 or float64, got {dt}")
+  return dt
+
+
+def gather_matmul(x, w, nbr, out_dtype):
+  """``y[m] = sum_s x[nbr[m, s]] @ w[s]`` by the ``jsc_gather_matmul`` kernel."""
+  dt = _compute_dtype(x.dtype, w.dtype, out_dtype)
+  m, cout = nbr.shape[0], w.shape[2]
+  # vmap never reaches this call: the primitive's batching rule folds the batch into
+  # the rows first. "sequential" is the safe choice should that ever change.
+  call = jax.ffi.ffi_call("jsc_gather_matmul", jax.ShapeDtypeStruct((m, cout), dt),
+                          vmap_method="sequential")
+  return call(x.astype(dt), w.astype(dt), nbr.astype(jnp.int32)).astype(out_dtype)
+
+
+def num_partitions(m: int, s: int, cin: int, cout: int) -> int:
+  """Row partitions of the kernel gradient: enough blocks to fill a GPU (~528 blocks),
+  a bounded workspace; a function of the shapes only, so the reduction order is fixed.
+  (``s * parts`` stays near 528, far below the grid limit that the CUDA handler checks.)"""
+  tiles = max(1, -(-cin // 64) * -(-cout // 64))
+  want = max(1, min(-(-m // 2048), -(-528 // (s * tiles))))
+  cap = max(1, PARTIAL_ELEMS // max(1, s * cin * cout))
+  return int(min(want, cap))
+
+
+def kernel_grad(x, ct, nbr, w_dtype):
+  """``dw[s] = sum_m x[nbr[m, s]]^T ct[m]`` by the ``jsc_kernel_grad`` kernel; the
+  partition count is passed down as the workspace's leading dimension."""
+  dt = _compute_dtype(x.dtype, ct.dtype, w_dtype)
+  acc = jnp.float64 if dt == jnp.float64 else jnp.float32
+  (m, s), cin, cout = nbr.shape, x.shape[1], ct.shape[1]
+  parts = num_partitions(m, s, cin, cout)
+  call = jax.ffi.ffi_call(
+      "jsc_kernel_grad",
+      (jax.ShapeDtypeStruct((s, cin, cout), dt), jax.ShapeDtypeStruct((parts, s, cin, cout), acc)),
+      vmap_method="sequential")
+  dw, _ = call(x.astype(dt), ct.astype(dt), nbr.astype(jnp.int32))
+  return dw.astype(w_dtype)
+
+
+# ------------------------------------------------------------------ conv (native CPU)
+
+
+def cpu_gather_matmul(x, w, nbr):
+  """float32 ``y[m] = sum_s x[nbr[m, s]] @ w[s]`` by the native CPU kernel."""
+  call = jax.ffi.ffi_call("jsc_cpu_gather_matmul",
+                          jax.ShapeDtypeStruct((nbr.shape[0], w.shape[2]), jnp.float32),
+                          vmap_method="sequential")
+  return call(x, w, nbr.astype(jnp.int32))
+
+
+def cpu_kernel_grad(x, ct, nbr):
+  """float32 ``dw[s] = sum_m x[nbr[m, s]]^T ct[m]`` by the native CPU kernel."""
+  call = jax.ffi.ffi_call(
+      "jsc_cpu_kernel_grad",
+      jax.ShapeDtypeStruct((nbr.shape[1], x.shape[1], ct.shape[1]), jnp.float32),
+      vmap_method="sequential")
+  return call(x, ct, nbr.astype(jnp.int32))
+
+
+# ------------------------------------------------------------------ search (native CPU)
+# Leading batch axes are handled by the kernels (``vmap_method="broadcast_all"``).
+
+
+def cpu_sort_keys(hi, lo):
+  """``(hi, lo, perm)`` sorted by ``(hi, lo, position)`` (native CPU radix sort)."""
+  out = jax.ShapeDtypeStruct(hi.shape, jnp.uint32)
+  call = jax.ffi.ffi_call("jsc_cpu_sort_keys",
+                          (out, out, jax.ShapeDtypeStruct(hi.shape, jnp.int32)),
+                          vmap_method="broadcast_all")
+  return call(hi.astype(jnp.uint32), lo.astype(jnp.uint32))
+
+
+def cpu_neighbors(in_coords, in_batch, in_mask, out_coords, out_batch, out_mask, deltas):
+  """``(neighbors, duplicate)`` by the native CPU lookup (a block hash; its cost does not
+  depend on the coordinates' extent): ``neighbors[i, s]`` is the valid input at
+  ``out_coords[i] + deltas[s]`` in the same cloud, else ``n``; ``duplicate`` tells
+  whether two valid inputs share a voxel. Coordinates are non-negative int32."""
+  *batch, m, _ = out_coords.shape
+  s = deltas.shape[0]
+  call = jax.ffi.ffi_call(
+      "jsc_cpu_neighbors",
+      (jax.ShapeDtypeStruct((*batch, m, s), jnp.int32), jax.ShapeDtypeStruct(tuple(batch), bool)),
+      vmap_method="broadcast_all")
+  return call(in_coords.astype(jnp.int32), in_batch.astype(jnp.int32), in_mask,
+              out_coords.astype(jnp.int32), out_batch.astype(jnp.int32), out_mask,
+              jnp.asarray(deltas, jnp.int32))
+
+
+def cpu_invert(nbr, n):
+  """The inverse of a kernel map and whether it is exact, by the native CPU kernel."""
+  *batch, _, s = nbr.shape
+  call = jax.ffi.ffi_call(
+      "jsc_cpu_invert",
+      (jax.ShapeDtypeStruct((*batch, n, s), jnp.int32), jax.ShapeDtypeStruct(tuple(batch), bool)),
+      vmap_method="broadcast_all")
+  return call(nbr.astype(jnp.int32))

@@ -1,0 +1,125 @@
+"""The bench's synthetic clouds (``jax_sparseconv.scenes``): sizes, lattice, statistics.
+
+NumPy only and fast (~2 s): the statistics that make each cloud what it stands for
+(extent in voxels per axis, occupied K=3 neighbours per voxel) are checked here so
+that a change to a generator cannot silently turn a workload into another one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jax_sparseconv import scenes
+
+VS = 0.05
+
+
+def set_stats(voxels, vs):
+  """Extent and mean K=3 neighbours (self included) with a Python set: the reference."""
+  idx = np.round(voxels.astype(np.float64) / vs - 0.5).astype(np.int64)
+  occupied = set(map(tuple, idx.tolist()))
+  offsets = list(itertools.product((-1, 0, 1), repeat=3))
+  total = sum((x + a, y + b, z + c) in occupied for x, y, z in occupied for a, b, c in offsets)
+  return tuple(int(e) for e in idx.max(0) - idx.min(0) + 1), total / len(occupied)
+
+
+@pytest.fixture(scope="module")
+def clouds():
+  return {name: fn(10_000, VS, 0) for name, fn in scenes.CLOUDS.items()}
+
+
+@pytest.mark.parametrize("name", ["compact", "spread", "outdoor"])
+def test_count_unique_on_lattice(clouds, name):
+  v = clouds[name]
+  assert v.dtype == np.float32 and v.ndim == 2 and v.shape[1] == 3
+  assert abs(len(v) - 10_000) <= 0.2 * 10_000
+  if name != "compact":
+    assert len(v) == 10_000  # cut to the exact size
+  q = v.astype(np.float64) / VS - 0.5
+  assert np.max(np.abs(q - np.round(q))) < 1e-3  # voxel centres (i + 0.5) * vs
+  idx = np.round(q).astype(np.int64)
+  assert len(np.unique(idx, axis=0)) == len(v)
+  assert np.array_equal(idx, idx[np.lexsort(idx.T[::-1])])  # lexicographic order
+
+
+@pytest.mark.parametrize("name", ["compact", "spread", "outdoor"])
+def test_cloud_stats_matches_a_set(clouds, name):
+  st = scenes.cloud_stats(clouds[name], VS)
+  extent, nbrs = set_stats(clouds[name], VS)
+  assert st["n"] == len(clouds[name]) and st["extent"] == extent
+  assert st["neighbours"] == pytest.approx(nbrs, rel=1e-12)
+
+
+def test_deterministic_and_seeded(clouds):
+  for name, fn in scenes.CLOUDS.items():
+    np.testing.assert_array_equal(fn(10_000, VS, 0), clouds[name])
+    other = fn(10_000, VS, 1)
+    assert other.shape != clouds[name].shape or not np.array_equal(other, clouds[name])
+
+
+def test_compact_statistics(clouds):
+  extent, nbrs = set_stats(clouds["compact"], VS)
+  assert 13.5 <= nbrs <= 17  # ~15.5: surfaces ~1.5 voxels thick
+  assert all(e < 80 for e in extent)  # compact: ~(N/4)^(1/2) voxels wide
+
+
+def test_spread_statistics(clouds):
+  extent, nbrs = set_stats(clouds["spread"], VS)
+  assert 10.5 <= nbrs <= 13  # ~11.7
+  assert all(e >= 240 for e in extent)  # a few shapes already spread out
+  st = scenes.cloud_stats(scenes.spread_voxels(100_000, VS, 0), VS)
+  assert st["n"] == 100_000
+  assert 10.5 <= st["neighbours"] <= 13  # the same surfaces at any size
+  ex, ey, ez = st["extent"]
+  assert 360 <= ex <= 400 and 360 <= ey <= 400 and 320 <= ez <= 360  # 400 x 400 x 360
+
+
+def test_outdoor_statistics(clouds):
+  extent, nbrs = set_stats(clouds["outdoor"], VS)
+  assert 3.0 <= nbrs <= 6.5  # ~3.9 at 10k (thin wedges of the scan)
+  assert extent[0] >= 2000 and extent[1] >= 1000 and 80 <= extent[2] <= 160
+  st = scenes.cloud_stats(scenes.lidar_voxels(100_000, VS, 0), VS)
+  assert st["n"] == 100_000
+  assert 4.3 <= st["neighbours"] <= 6.5  # ~5: thin surfaces, sparse far away
+  ex, ey, ez = st["extent"]
+  assert 2500 <= ex <= 5000 and 2000 <= ey <= 4000 and 80 <= ez <= 160  # thousands wide
+
+
+def test_lidar_points_voxelise_to_lidar_voxels(clouds):
+  pts, labels = scenes.lidar_points(10_000, VS, 0)
+  assert pts.dtype == np.float32 and labels.dtype == np.int32 and len(pts) == len(labels)
+  assert labels.min() >= 0 and labels.max() < len(scenes.LIDAR_LABELS)
+  assert len(np.unique(labels)) >= 5  # road, sidewalk, buildings, cars, vegetation, ...
+  idx = np.unique(np.floor(pts / VS).astype(np.int64), axis=0)
+  np.testing.assert_array_equal(((idx + 0.5) * VS).astype(np.float32), clouds["outdoor"])
+  r = np.linalg.norm(pts[:, :2] - [0.0, -1.75], axis=1)
+  assert r.max() < scenes.LIDAR_RANGE[1] + 0.1 and np.median(r) < 20  # density falls with range
+
+
+@pytest.mark.parametrize("name", ["spread", "outdoor"])
+def test_smaller_cloud_is_a_subset(clouds, name):
+  big = scenes.CLOUDS[name](15_000, VS, 0)
+  small = set(map(tuple, clouds[name].tolist()))
+  assert small <= set(map(tuple, big.tolist()))
+
+
+def test_other_voxel_size():
+  v = scenes.lidar_voxels(5_000, 0.1, 3)
+  q = v / 0.1 - 0.5
+  assert len(v) == 5_000 and np.max(np.abs(q - np.round(q))) < 1e-3
+
+
+def test_importable_without_jax():
+  path = pathlib.Path(scenes.__file__)
+  code = ("import importlib.util, sys\n"
+          f"spec = importlib.util.spec_from_file_location('scenes', {str(path)!r})\n"
+          "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+          "assert 'jax' not in sys.modules, 'scenes.py imported jax'\n"
+          "m.lidar_voxels(1000); m.spread_voxels(1000); m.surface_voxels(1000)\n")
+  subprocess.run([sys.executable, "-c", code], check=True)
