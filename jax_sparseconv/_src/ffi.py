@@ -23,6 +23,8 @@ import importlib
 import jax
 import jax.numpy as jnp
 
+from . import vma
+
 _SUPPORTED = tuple(jnp.dtype(t) for t in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
 #: Bound on the kernel-gradient partial sums, in elements (deterministic reduction).
 PARTIAL_ELEMS = 16 * 2**20
@@ -54,6 +56,18 @@ def xla_ffi_api_minor() -> dict[str, int]:
           for name, mod in (("cuda", cuda), ("host", host)) if mod is not None}
 
 
+def _call(target, results, *args, vmap_method="sequential"):
+  """``jax.ffi.ffi_call(target, results)(*args)`` with ``results`` a list of
+  ``(shape, dtype)``; under ``shard_map`` operands and results vary over the same mesh
+  axes (``vma.py``). Returns one array, or a tuple for several results."""
+  args = vma.match(*args)
+  types = [vma.result(args[0], shape, dtype) for shape, dtype in results]
+  call = jax.ffi.ffi_call(target, types if len(types) > 1 else types[0],
+                          vmap_method=vmap_method)
+  out = call(*args)
+  return tuple(out) if len(types) > 1 else out
+
+
 # ------------------------------------------------------------------ conv (CUDA source)
 
 
@@ -67,12 +81,11 @@ def _compute_dtype(*dtypes):
 def gather_matmul(x, w, nbr, out_dtype):
   """``y[m] = sum_s x[nbr[m, s]] @ w[s]`` by the ``jsc_gather_matmul`` kernel."""
   dt = _compute_dtype(x.dtype, w.dtype, out_dtype)
-  m, cout = nbr.shape[0], w.shape[2]
   # vmap never reaches this call: the primitive's batching rule folds the batch into
   # the rows first. "sequential" is the safe choice should that ever change.
-  call = jax.ffi.ffi_call("jsc_gather_matmul", jax.ShapeDtypeStruct((m, cout), dt),
-                          vmap_method="sequential")
-  return call(x.astype(dt), w.astype(dt), nbr.astype(jnp.int32)).astype(out_dtype)
+  y = _call("jsc_gather_matmul", [((nbr.shape[0], w.shape[2]), dt)],
+            x.astype(dt), w.astype(dt), nbr.astype(jnp.int32))
+  return y.astype(out_dtype)
 
 
 def num_partitions(m: int, s: int, cin: int, cout: int) -> int:
@@ -92,11 +105,8 @@ def kernel_grad(x, ct, nbr, w_dtype):
   acc = jnp.float64 if dt == jnp.float64 else jnp.float32
   (m, s), cin, cout = nbr.shape, x.shape[1], ct.shape[1]
   parts = num_partitions(m, s, cin, cout)
-  call = jax.ffi.ffi_call(
-      "jsc_kernel_grad",
-      (jax.ShapeDtypeStruct((s, cin, cout), dt), jax.ShapeDtypeStruct((parts, s, cin, cout), acc)),
-      vmap_method="sequential")
-  dw, _ = call(x.astype(dt), ct.astype(dt), nbr.astype(jnp.int32))
+  dw, _ = _call("jsc_kernel_grad", [((s, cin, cout), dt), ((parts, s, cin, cout), acc)],
+                x.astype(dt), ct.astype(dt), nbr.astype(jnp.int32))
   return dw.astype(w_dtype)
 
 
@@ -105,19 +115,14 @@ def kernel_grad(x, ct, nbr, w_dtype):
 
 def cpu_gather_matmul(x, w, nbr):
   """float32 ``y[m] = sum_s x[nbr[m, s]] @ w[s]`` by the native CPU kernel."""
-  call = jax.ffi.ffi_call("jsc_cpu_gather_matmul",
-                          jax.ShapeDtypeStruct((nbr.shape[0], w.shape[2]), jnp.float32),
-                          vmap_method="sequential")
-  return call(x, w, nbr.astype(jnp.int32))
+  return _call("jsc_cpu_gather_matmul", [((nbr.shape[0], w.shape[2]), jnp.float32)],
+               x, w, nbr.astype(jnp.int32))
 
 
 def cpu_kernel_grad(x, ct, nbr):
   """float32 ``dw[s] = sum_m x[nbr[m, s]]^T ct[m]`` by the native CPU kernel."""
-  call = jax.ffi.ffi_call(
-      "jsc_cpu_kernel_grad",
-      jax.ShapeDtypeStruct((nbr.shape[1], x.shape[1], ct.shape[1]), jnp.float32),
-      vmap_method="sequential")
-  return call(x, ct, nbr.astype(jnp.int32))
+  return _call("jsc_cpu_kernel_grad", [((nbr.shape[1], x.shape[1], ct.shape[1]), jnp.float32)],
+               x, ct, nbr.astype(jnp.int32))
 
 
 # ------------------------------------------------------------------ search (native CPU)
@@ -126,11 +131,9 @@ def cpu_kernel_grad(x, ct, nbr):
 
 def cpu_sort_keys(hi, lo):
   """``(hi, lo, perm)`` sorted by ``(hi, lo, position)`` (native CPU radix sort)."""
-  out = jax.ShapeDtypeStruct(hi.shape, jnp.uint32)
-  call = jax.ffi.ffi_call("jsc_cpu_sort_keys",
-                          (out, out, jax.ShapeDtypeStruct(hi.shape, jnp.int32)),
-                          vmap_method="broadcast_all")
-  return call(hi.astype(jnp.uint32), lo.astype(jnp.uint32))
+  return _call("jsc_cpu_sort_keys",
+               [(hi.shape, jnp.uint32), (hi.shape, jnp.uint32), (hi.shape, jnp.int32)],
+               hi.astype(jnp.uint32), lo.astype(jnp.uint32), vmap_method="broadcast_all")
 
 
 def cpu_neighbors(in_coords, in_batch, in_mask, out_coords, out_batch, out_mask, deltas):
@@ -139,21 +142,15 @@ def cpu_neighbors(in_coords, in_batch, in_mask, out_coords, out_batch, out_mask,
   ``out_coords[i] + deltas[s]`` in the same cloud, else ``n``; ``duplicate`` tells
   whether two valid inputs share a voxel. Coordinates are non-negative int32."""
   *batch, m, _ = out_coords.shape
-  s = deltas.shape[0]
-  call = jax.ffi.ffi_call(
-      "jsc_cpu_neighbors",
-      (jax.ShapeDtypeStruct((*batch, m, s), jnp.int32), jax.ShapeDtypeStruct(tuple(batch), bool)),
-      vmap_method="broadcast_all")
-  return call(in_coords.astype(jnp.int32), in_batch.astype(jnp.int32), in_mask,
-              out_coords.astype(jnp.int32), out_batch.astype(jnp.int32), out_mask,
-              jnp.asarray(deltas, jnp.int32))
+  return _call("jsc_cpu_neighbors",
+               [((*batch, m, deltas.shape[0]), jnp.int32), (tuple(batch), bool)],
+               in_coords.astype(jnp.int32), in_batch.astype(jnp.int32), in_mask,
+               out_coords.astype(jnp.int32), out_batch.astype(jnp.int32), out_mask,
+               jnp.asarray(deltas, jnp.int32), vmap_method="broadcast_all")
 
 
 def cpu_invert(nbr, n):
   """The inverse of a kernel map and whether it is exact, by the native CPU kernel."""
   *batch, _, s = nbr.shape
-  call = jax.ffi.ffi_call(
-      "jsc_cpu_invert",
-      (jax.ShapeDtypeStruct((*batch, n, s), jnp.int32), jax.ShapeDtypeStruct(tuple(batch), bool)),
-      vmap_method="broadcast_all")
-  return call(nbr.astype(jnp.int32))
+  return _call("jsc_cpu_invert", [((*batch, n, s), jnp.int32), (tuple(batch), bool)],
+               nbr.astype(jnp.int32), vmap_method="broadcast_all")

@@ -31,7 +31,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from . import backend, ffi
+from . import backend, ffi, vma
 
 #: Memory budget of one gathered chunk, in bytes (rows * slots * Cin * itemsize).
 CHUNK_BYTES = 16 * 2**20
@@ -131,7 +131,8 @@ def gather_matmul(x, w, nbr, inv, unique, out_dtype):
   Returns:
     ``(M, Cout)`` in ``out_dtype``.
   """
-  return gather_matmul_p.bind(x, w, nbr, inv, unique, out_dtype=jnp.dtype(out_dtype))
+  return gather_matmul_p.bind(*vma.match(x, w, nbr, inv, unique),
+                              out_dtype=jnp.dtype(out_dtype))
 
 
 def gather_matmul_jnp(x, w, nbr, out_dtype):
@@ -159,7 +160,7 @@ def _gm_abstract_eval(x, w, nbr, inv, unique, *, out_dtype):
   if cin != cin_w or s != s_nbr or inv.shape != (n, s) or unique.shape != ():
     raise ValueError(f"gather_matmul: inconsistent shapes x {x.shape}, w {w.shape}, "
                      f"nbr {nbr.shape}, inv {inv.shape}, unique {unique.shape}")
-  return jax.core.ShapedArray((m, cout), out_dtype)
+  return vma.aval(x, (m, cout), out_dtype)
 
 
 def _gm_lowered(x, w, nbr, inv, unique, *, out_dtype):
@@ -221,7 +222,7 @@ kernel_grad_p = Primitive("sparse_kernel_grad")
 
 def kernel_grad(x, ct, nbr, inv, unique, w_dtype):
   """``dw[s] = sum_m x[nbr[m, s]]^T ct[m]``: ``(S, Cin, Cout)`` in ``w_dtype``."""
-  return kernel_grad_p.bind(x, ct, nbr, inv, unique, w_dtype=jnp.dtype(w_dtype))
+  return kernel_grad_p.bind(*vma.match(x, ct, nbr, inv, unique), w_dtype=jnp.dtype(w_dtype))
 
 
 def kernel_grad_jnp(x, ct, nbr, w_dtype):
@@ -253,7 +254,7 @@ def _kg_abstract_eval(x, ct, nbr, inv, unique, *, w_dtype):
   if m != m_nbr or inv.shape != (n, s):
     raise ValueError(f"kernel_grad: inconsistent shapes x {x.shape}, ct {ct.shape}, "
                      f"nbr {nbr.shape}, inv {inv.shape}")
-  return jax.core.ShapedArray((s, cin, cout), w_dtype)
+  return vma.aval(x, (s, cin, cout), w_dtype)
 
 
 def _kg_lowered(x, ct, nbr, inv, unique, *, w_dtype):
