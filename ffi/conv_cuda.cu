@@ -12,11 +12,23 @@
 // transposed (a gather, no atomics). Every output element is summed by one thread in a
 // fixed order (slots, then channels; the kernel gradient over fixed row partitions,
 // then the partials in partition order), so results are bitwise reproducible.
+//
+// Memory traffic: a gather-matmul block copies its tile's block of the neighbour map
+// (64 rows x up to 32 slots, contiguous when S <= 32) to shared memory once, with a flag
+// per slot that any row has a neighbour there (slots without one are skipped); the
+// kernel gradient does the same for 256 rows of its slot at a time. Every tile copy loads
+// its elements into registers first (a fixed, unrolled count per thread, all loads in
+// flight), then stores them to shared memory. The column tiles of one row tile are
+// neighbouring blocks, so the second gather of the same rows hits the cache. The
+// tensor-core kernel keeps the weight tile transposed (a column-major B operand) and
+// loads bf16 tiles with the .shared PTX load (ldmatrix, as for fp16).
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
+
+#include <atomic>
 using jsc_stream_t = cudaStream_t;
 #define JSC_LAUNCH(kernel, grid, block, stream, ...) \
   kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
@@ -54,13 +66,25 @@ inline const char* launch_error() {
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
-// Compute capability (major * 10 + minor) of the device that runs `stream`.
+// Compute capability (major * 10 + minor) of the device that runs `stream`, queried once
+// per device (queries only: allowed while XLA captures the stream into a CUDA graph).
 inline int compute_capability(cudaStream_t stream) {
-  int dev = 0, major = 0, minor = 0;
-  if (cudaStreamGetDevice(stream, &dev) != cudaSuccess) cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-  cudaGetLastError();  // a failed query is not the launch's error
+  constexpr int kDevices = 64;
+  static std::atomic<int> known[kDevices] = {};
+  int dev = 0;
+  if (cudaStreamGetDevice(stream, &dev) != cudaSuccess && cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();  // a failed query is not the launch's error
+    return 0;
+  }
+  const int cached = dev >= 0 && dev < kDevices ? known[dev].load(std::memory_order_relaxed) : 0;
+  if (cached != 0) return cached;
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  if (dev >= 0 && dev < kDevices) known[dev].store(major * 10 + minor, std::memory_order_relaxed);
   return major * 10 + minor;
 }
 #else
@@ -76,6 +100,12 @@ constexpr bool kArchHasBf16Mma = false;
 constexpr bool kArchHasBf16Mma = true;
 #endif
 constexpr int kMinCcBf16Mma = 80;
+// ... and device code for 8.0 and newer never runs bf16 on the CUDA cores.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+constexpr bool kDeviceHasBf16Mma = true;
+#else
+constexpr bool kDeviceHasBf16Mma = false;
+#endif
 
 // ---------------------------------------------------------------- per-thread helpers
 template <class T>
@@ -104,11 +134,21 @@ constexpr int BM = 64;
 constexpr int BN = 64;
 constexpr int BK = 16;        // reduction step of the SIMT kernels
 constexpr int HBK = 32;       // reduction step of the tensor-core kernel
+constexpr int SC = 32;        // slots of the gather-matmul's neighbour block in shared memory
+constexpr int KG_ROWS = kThreads;  // rows of the kernel gradient's neighbour batch
 constexpr int LDA = BM + 1;   // k-major A tile, padded against bank conflicts
-constexpr int LDH = HBK + 8;  // row-major half A tile (WMMA: multiple of 8)
-constexpr int LDB_H = BN + 8; // row-major half B tile
+constexpr int LDH = HBK + 8;  // row-major half A tile xs[r][k] (WMMA: multiple of 8)
+constexpr int LDW = HBK + 8;  // half B tile stored transposed, wt[c][k]: B column-major
 constexpr int LDC = BN + 4;   // float staging of the accumulators
 constexpr int64_t kMaxGridZ = 65535;  // CUDA's limit on gridDim.z (and .y)
+constexpr int64_t kMaxGridX = 2147483647;  // and on gridDim.x
+// Elements each thread copies per tile (loaded into registers first, all in flight, then
+// stored to shared memory).
+constexpr int kNbrPerThread = BM * SC / kThreads;  // neighbour block
+constexpr int kXPerThread = BM * BK / kThreads;    // SIMT gather / kernel-gradient gather
+constexpr int kWPerThread = BK * BN / kThreads;    // SIMT weights / kernel-gradient cotangent
+constexpr int kHxPerThread = BM * HBK / kThreads;  // tensor-core gather
+constexpr int kHwPerThread = HBK * BN / kThreads;  // tensor-core weights
 
 // What the indexing below assumes of the tile constants (checked for both builds).
 static_assert(kThreads == 256 && BM * BN == kThreads * 16, "SIMT: 4 x 4 outputs per thread");
@@ -116,34 +156,70 @@ static_assert(BM == 4 * 16 && BN == 4 * 16, "SIMT: thread (tr, tc) owns rows tr 
 static_assert(kThreads / 32 == (BM / 16) * (BN / 32), "WMMA: 8 warps own 16 x 32 each");
 static_assert(HBK % 16 == 0 && BK % 4 == 0, "reduction steps: whole WMMA k-steps");
 static_assert((BM * BK) % kThreads == 0 && (BK * BN) % kThreads == 0 &&
-                  (BM * HBK) % kThreads == 0 && (HBK * BN) % kThreads == 0,
+                  (BM * HBK) % kThreads == 0 && (HBK * BN) % kThreads == 0 &&
+                  (BM * SC) % kThreads == 0,
               "tile copies: a whole number of elements per thread");
+static_assert(kThreads % BK == 0 && kThreads % HBK == 0 && kThreads % BM == 0 &&
+                  kThreads % BN == 0, "tile copies: each thread keeps one column");
+static_assert(SC <= 32 && KG_ROWS == kThreads && KG_ROWS / BK <= 32,
+              "neighbour blocks: one warp scans the slots / row groups, one row per thread");
 // WMMA: ldm a multiple of 16 bytes (8 half / 4 float elements), and every fragment
 // pointer 32-byte aligned: row offsets of 16 rows and column offsets of 16 elements.
-static_assert(LDH % 8 == 0 && LDB_H % 8 == 0 && LDC % 4 == 0, "WMMA ldm: multiple of 16 bytes");
-static_assert((16 * LDH * 2) % 32 == 0 && (16 * LDB_H * 2) % 32 == 0 &&
+static_assert(LDH % 8 == 0 && LDW % 8 == 0 && LDC % 4 == 0, "WMMA ldm: multiple of 16 bytes");
+static_assert((16 * LDH * 2) % 32 == 0 && (16 * LDW * 2) % 32 == 0 &&
                   (16 * LDC * 4) % 32 == 0 && (16 * 2) % 32 == 0,
               "WMMA fragment pointers stay 32-byte aligned");
-static_assert(LDH >= HBK && LDB_H >= BN && LDC >= BN, "padded rows hold the tile");
+static_assert(LDH >= HBK && LDW >= HBK && LDC >= BN, "padded rows hold the tile");
+
+#ifdef __CUDACC__
+#define JSC_UNROLL _Pragma("unroll")
+#define JSC_UNROLL_4 _Pragma("unroll 4")
+#else
+#define JSC_UNROLL
+#define JSC_UNROLL_4
+#endif
+
+template <class T>
+__host__ __device__ inline T from_float(float v) {
+  T r;
+  store(&r, v);
+  return r;
+}
 
 // Neighbour index, or -1 for none (anything outside [0, n) counts as none).
-__host__ __device__ inline int32_t neighbour(const int32_t* nbr, int64_t row, int64_t rows, int s,
-                                            int num_slots, int64_t n) {
+__host__ __device__ inline int32_t neighbour(const int32_t* __restrict__ nbr, int64_t row,
+                                            int64_t rows, int s, int num_slots, int64_t n) {
   if (row >= rows) return -1;
   const int32_t j = nbr[row * num_slots + s];
   return (j >= 0 && j < n) ? j : -1;
 }
 
-// rows[t] = the neighbour at slot s of row r0 + t, for t < count (rows from `end` on: none);
-// whether any exists, for the whole block (a barrier: every thread calls it).
-__device__ inline bool load_rows(int32_t* rows, int count, const int32_t* nbr, int64_t r0,
-                                 int64_t end, int s, int num_slots, int64_t n, int tid) {
-  int present = 0;
-  if (tid < count) {
-    rows[tid] = neighbour(nbr, r0 + tid, end, s, num_slots, n);
-    present = rows[tid] >= 0;
+// The gather-matmul tile's neighbour block, once per tile (per SC slots): nbrs[r * SC + t]
+// = the neighbour of row m0 + r at slot s0 + t (-1: none) for t < sc <= SC - a contiguous
+// block of the map when S <= SC - and present[t] = whether any row has one. Returns whether
+// any slot does, for the whole block (barriers: every thread calls it).
+__device__ inline bool load_neighbours(int32_t* nbrs, int32_t* present,
+                                       const int32_t* __restrict__ nbr, int64_t m0, int64_t m,
+                                       int s0, int sc, int num_slots, int64_t n, int tid) {
+  int32_t v[kNbrPerThread];
+  JSC_UNROLL
+  for (int i = 0; i < kNbrPerThread; ++i) {
+    const int e = tid + i * kThreads;
+    v[i] = e < BM * sc ? neighbour(nbr, m0 + e / sc, m, s0 + e % sc, num_slots, n) : -1;
   }
-  return __syncthreads_or(present);
+  JSC_UNROLL
+  for (int i = 0; i < kNbrPerThread; ++i) {
+    const int e = tid + i * kThreads;
+    if (e < BM * sc) nbrs[(e / sc) * SC + e % sc] = v[i];
+  }
+  __syncthreads();
+  int any = 0;
+  if (tid < sc) {
+    JSC_UNROLL_4  // (a full unroll would hold 64 loads in registers)
+    for (int r = 0; r < BM; ++r) any |= nbrs[r * SC + tid] >= 0;
+    present[tid] = any;
+  }
+  return __syncthreads_or(any);
 }
 
 // acc[i][j] += sum_k a[k][tr + 16 i] * b[k][tc + 16 j] over one BK step.
@@ -158,108 +234,214 @@ __host__ __device__ inline void fma_tile(const A* a, const A* b, int tr, int tc,
   }
 }
 
-// Block-strided copy of rows [r0, r0 + BK) x cols [c0, c0 + BN) of a row-major
-// (rows, cols) matrix into b[k][c], zero outside (or where `keep[k]` is false).
-template <class T, class A>
-__host__ __device__ inline void load_b_tile(A* b, const T* src, int64_t r0, int64_t rows,
-                                            int c0, int cols, const int32_t* keep, int tid) {
-  for (int e = tid; e < BK * BN; e += kThreads) {
-    const int k = e / BN, c = e % BN;
-    const bool ok = r0 + k < rows && c0 + c < cols && (keep == nullptr || keep[k] >= 0);
-    b[k * BN + c] = ok ? load_acc(src[(r0 + k) * cols + c0 + c]) : A(0);
-  }
-}
+// Block b of a gather-matmul grid owns rows BM * (b / col_tiles) and columns
+// BN * (b % col_tiles): the column tiles of one row tile run next to each other, so the
+// second one's gather finds the rows in cache.
 
 // ---------------------------------------------------------------- gather-matmul, SIMT
-// float32 and float64. grid (ceil(M / BM), ceil(Cout / BN)).
+// float32 and float64 (and bfloat16 below compute capability 8.0).
+// grid (ceil(M / BM) * ceil(Cout / BN)).
+// Register caps (ptxas -v: no spills): float32 5 blocks per SM (48 registers; 4 on a 7.5
+// GPU, which holds 1024 threads per SM); float64: 3 would spill.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 750
+constexpr int kSimtBlocksPerSm = 4;
+#else
+constexpr int kSimtBlocksPerSm = 5;
+#endif
 template <class T>
-__global__ void __launch_bounds__(kThreads)
-    gather_matmul_simt(const T* x, const T* w, const int32_t* nbr, T* y, int64_t n, int64_t m,
-                       int num_slots, int cin, int cout) {
-  using A = typename Acc<T>::type;
-  JSC_SHARED(int32_t, rows, [BM]);
-  JSC_SHARED(A, xs, [BK * LDA]);
-  JSC_SHARED(A, ws, [BK * BN]);
-  const int tid = threadIdx.x, tr = tid / 16, tc = tid % 16;
-  const int64_t m0 = int64_t(blockIdx.x) * BM;
-  const int n0 = blockIdx.y * BN;
-  A acc[4][4];
-  for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
-  for (int s = 0; s < num_slots; ++s) {
-    if (!load_rows(rows, BM, nbr, m0, m, s, num_slots, n, tid)) continue;  // none: skip the tile
-    for (int k0 = 0; k0 < cin; k0 += BK) {
-      for (int e = tid; e < BM * BK; e += kThreads) {  // the gather: reused by all BN columns
-        const int r = e / BK, k = e % BK;
-        const int32_t j = rows[r];
-        xs[k * LDA + r] = (j >= 0 && k0 + k < cin) ? load_acc(x[int64_t(j) * cin + k0 + k]) : A(0);
+struct SimtBlocksPerSm {
+  static constexpr int value = kSimtBlocksPerSm;
+};
+template <>
+struct SimtBlocksPerSm<double> {
+  static constexpr int value = 0;  // no minimum: ptxas picks 75-96 registers, no spills
+};
+
+template <class T>
+__global__ void __launch_bounds__(kThreads, SimtBlocksPerSm<T>::value)
+    gather_matmul_simt(const T* __restrict__ x, const T* __restrict__ w,
+                       const int32_t* __restrict__ nbr, T* __restrict__ y, int64_t n, int64_t m,
+                       int num_slots, int cin, int cout, int col_tiles) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value && kDeviceHasBf16Mma) {
+    __trap();  // not launched: from compute capability 8.0 on, bf16 runs gather_matmul_mma
+  } else {
+    using A = typename Acc<T>::type;
+    JSC_SHARED(int32_t, nbrs, [BM * SC]);
+    JSC_SHARED(int32_t, present, [SC]);
+    JSC_SHARED(A, xs, [BK * LDA]);
+    JSC_SHARED(A, ws, [BK * BN]);
+    const int tid = threadIdx.x, tr = tid / 16, tc = tid % 16;
+    // This thread's elements of the tile copies: row xr + 16 i, column xk of the gather;
+    // row wk + 4 i, column wc of the weights (constant strides: no per-element indices).
+    const int xr = tid / BK, xk = tid % BK, wk = tid / BN, wc = tid % BN;
+    const int64_t m0 = int64_t(blockIdx.x / unsigned(col_tiles)) * BM;
+    const int n0 = int(blockIdx.x % unsigned(col_tiles)) * BN;
+    A acc[4][4];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
+    for (int s0 = 0; s0 < num_slots; s0 += SC) {
+      const int sc = num_slots - s0 < SC ? num_slots - s0 : SC;
+      if (!load_neighbours(nbrs, present, nbr, m0, m, s0, sc, num_slots, n, tid)) continue;
+      for (int t = 0; t < sc; ++t) {
+        if (!present[t]) continue;  // no row of the tile has a neighbour at this slot
+        const T* ws_src = w + int64_t(s0 + t) * cin * cout;
+        for (int k0 = 0; k0 < cin; k0 += BK) {
+          A xv[kXPerThread], wv[kWPerThread];
+          JSC_UNROLL
+          for (int i = 0; i < kXPerThread; ++i) {  // the gather: reused by all BN columns
+            const int32_t j = nbrs[(xr + i * (kThreads / BK)) * SC + t];
+            xv[i] = (j >= 0 && k0 + xk < cin) ? load_acc(x[int64_t(j) * cin + k0 + xk]) : A(0);
+          }
+          JSC_UNROLL
+          for (int i = 0; i < kWPerThread; ++i) {
+            const int k = wk + i * (kThreads / BN);
+            wv[i] = (k0 + k < cin && n0 + wc < cout)
+                        ? load_acc(ws_src[int64_t(k0 + k) * cout + n0 + wc]) : A(0);
+          }
+          JSC_UNROLL
+          for (int i = 0; i < kXPerThread; ++i) xs[xk * LDA + xr + i * (kThreads / BK)] = xv[i];
+          JSC_UNROLL
+          for (int i = 0; i < kWPerThread; ++i) ws[tid + i * kThreads] = wv[i];  // ws[wk + 4 i][wc]
+          __syncthreads();
+          fma_tile(xs, ws, tr, tc, acc);
+          __syncthreads();
+        }
       }
-      load_b_tile(ws, w + int64_t(s) * cin * cout, k0, cin, n0, cout, nullptr, tid);
-      __syncthreads();
-      fma_tile(xs, ws, tr, tc, acc);
-      __syncthreads();
     }
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) {
+        const int64_t r = m0 + tr + 16 * i;
+        const int c = n0 + tc + 16 * j;
+        if (r < m && c < cout) store(&y[r * cout + c], acc[i][j]);
+      }
   }
-  for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 4; ++j) {
-      const int64_t r = m0 + tr + 16 * i;
-      const int c = n0 + tc + 16 * j;
-      if (r < m && c < cout) store(&y[r * cout + c], acc[i][j]);
-    }
 }
 
 // ---------------------------------------------------------------- gather-matmul, tensor cores
 // float16 / bfloat16 inputs, float32 accumulation (WMMA 16x16x16). 8 warps: warp w owns
-// rows 16 (w / 2) and columns 32 (w % 2) + [0, 32) of the block's 64 x 64 tile.
+// rows 16 (w / 2) and columns 32 (w % 2) + [0, 32) of the block's 64 x 64 tile. The A tile
+// (gathered rows) is row-major, the weight tile is stored transposed and read as a
+// column-major B (the layout the tensor-core loads take without transposing).
+// grid (ceil(M / BM) * ceil(Cout / BN)).
+// Shared memory of the tensor-core kernel: the accumulators' float staging (used after
+// the main loop only) shares its bytes with the A and B tiles: 25 KiB, so that 2 blocks fit
+// a 7.5 GPU's 64 KiB and 4 an 8.0's.
 template <class T>
-__global__ void __launch_bounds__(kThreads)
-    gather_matmul_mma(const T* x, const T* w, const int32_t* nbr, T* y, int64_t n, int64_t m,
-                      int num_slots, int cin, int cout) {
+struct MmaShared {
+  union {
+    struct {
+      T xs[BM * LDH];  // xs[r][k]: the gathered rows
+      T wt[BN * LDW];  // wt[c][k]: the weight tile, transposed
+    } in;
+    float cs[BM * LDC];  // cs[r][c]: the accumulators
+  } u;
+  int32_t nbrs[BM * SC];
+  int32_t present[SC];
+};
+static_assert((BM * LDH * 2) % 32 == 0, "MmaShared: wt stays 32-byte aligned");
+
+// WMMA tile loads from shared memory. nvcc's load_matrix_sync for bf16 takes a generic
+// address (LD instructions, not LDS/LDSM as for fp16); the PTX it stands for, with the
+// .shared state space spelled out, does not.
+#if defined(__CUDACC__) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+__device__ inline void load_shared_bf16(
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __nv_bfloat16,
+                           nvcuda::wmma::row_major>& f,
+    const __nv_bfloat16* p, unsigned ldm) {
+  unsigned* r = reinterpret_cast<unsigned*>(f.x);
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a), "r"(ldm)
+               : "memory");
+}
+__device__ inline void load_shared_bf16(
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16,
+                           nvcuda::wmma::col_major>& f,
+    const __nv_bfloat16* p, unsigned ldm) {
+  unsigned* r = reinterpret_cast<unsigned*>(f.x);
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a), "r"(ldm)
+               : "memory");
+}
+#endif
+
+template <class T, class Frag>
+__device__ inline void load_tile(Frag& f, const T* p, unsigned ldm) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value && kDeviceHasBf16Mma) {
+    load_shared_bf16(f, p, ldm);
+  } else {
+    nvcuda::wmma::load_matrix_sync(f, p, ldm);
+  }
+}
+
+// 4 blocks per SM: 64 registers, no spills (ptxas -v).
+constexpr int kMmaBlocksPerSm = 4;
+template <class T>
+__global__ void __launch_bounds__(kThreads, kMmaBlocksPerSm)
+    gather_matmul_mma(const T* __restrict__ x, const T* __restrict__ w,
+                      const int32_t* __restrict__ nbr, T* __restrict__ y, int64_t n, int64_t m,
+                      int num_slots, int cin, int cout, int col_tiles) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value && !kArchHasBf16Mma) {
     __trap();  // not launched: below compute capability 8.0, bf16 runs gather_matmul_simt
   } else {
     namespace wmma = nvcuda::wmma;
-    JSC_SHARED(int32_t, rows, [BM]);
-    JSC_SHARED(__align__(32) T, xs, [BM * LDH]);
-    JSC_SHARED(__align__(32) T, ws, [HBK * LDB_H]);
-    JSC_SHARED(__align__(32) float, cs, [BM * LDC]);
+    JSC_SHARED(__align__(32) MmaShared<T>, sm, );
+    T* const xs = sm.u.in.xs;
+    T* const wt = sm.u.in.wt;
+    float* const cs = sm.u.cs;
+    int32_t* const nbrs = sm.nbrs;
+    int32_t* const present = sm.present;
     const int tid = threadIdx.x, warp = tid / 32, wr = warp / 2, wc = warp % 2;
-    const int64_t m0 = int64_t(blockIdx.x) * BM;
-    const int n0 = blockIdx.y * BN;
+    // This thread's elements of the tile copies: row xr + 8 i, column xk of the gather;
+    // row (k) bk + 4 i, column bc of the weights.
+    const int xr = tid / HBK, xk = tid % HBK, bk = tid / BN, bc = tid % BN;
+    const int64_t m0 = int64_t(blockIdx.x / unsigned(col_tiles)) * BM;
+    const int n0 = int(blockIdx.x % unsigned(col_tiles)) * BN;
+    const T zero = from_float<T>(0.0f);
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[j], 0.0f);
-    for (int s = 0; s < num_slots; ++s) {
-      if (!load_rows(rows, BM, nbr, m0, m, s, num_slots, n, tid)) continue;
-      const T* ws_src = w + int64_t(s) * cin * cout;
-      for (int k0 = 0; k0 < cin; k0 += HBK) {
-        for (int e = tid; e < BM * HBK; e += kThreads) {
-          const int r = e / HBK, k = e % HBK;
-          const int32_t j = rows[r];
-          if (j >= 0 && k0 + k < cin) {
-            xs[r * LDH + k] = x[int64_t(j) * cin + k0 + k];
-          } else {
-            store(&xs[r * LDH + k], 0.0f);
+    for (int s0 = 0; s0 < num_slots; s0 += SC) {
+      const int sc = num_slots - s0 < SC ? num_slots - s0 : SC;
+      if (!load_neighbours(nbrs, present, nbr, m0, m, s0, sc, num_slots, n, tid)) continue;
+      for (int t = 0; t < sc; ++t) {
+        if (!present[t]) continue;
+        const T* ws_src = w + int64_t(s0 + t) * cin * cout;
+        for (int k0 = 0; k0 < cin; k0 += HBK) {
+          T xv[kHxPerThread], wv[kHwPerThread];
+          JSC_UNROLL
+          for (int i = 0; i < kHxPerThread; ++i) {
+            const int32_t j = nbrs[(xr + i * (kThreads / HBK)) * SC + t];
+            xv[i] = (j >= 0 && k0 + xk < cin) ? x[int64_t(j) * cin + k0 + xk] : zero;
           }
-        }
-        for (int e = tid; e < HBK * BN; e += kThreads) {
-          const int k = e / BN, c = e % BN;
-          if (k0 + k < cin && n0 + c < cout) {
-            ws[k * LDB_H + c] = ws_src[int64_t(k0 + k) * cout + n0 + c];
-          } else {
-            store(&ws[k * LDB_H + c], 0.0f);
+          JSC_UNROLL
+          for (int i = 0; i < kHwPerThread; ++i) {
+            const int k = bk + i * (kThreads / BN);
+            wv[i] = (k0 + k < cin && n0 + bc < cout) ? ws_src[int64_t(k0 + k) * cout + n0 + bc]
+                                                     : zero;
           }
-        }
-        __syncthreads();
-        for (int k = 0; k < HBK; k += 16) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-          wmma::load_matrix_sync(a, xs + wr * 16 * LDH + k, LDH);
-          for (int j = 0; j < 2; ++j) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-            wmma::load_matrix_sync(b, ws + k * LDB_H + wc * 32 + j * 16, LDB_H);
-            wmma::mma_sync(acc[j], a, b, acc[j]);
+          JSC_UNROLL
+          for (int i = 0; i < kHxPerThread; ++i) xs[(xr + i * (kThreads / HBK)) * LDH + xk] = xv[i];
+          JSC_UNROLL
+          for (int i = 0; i < kHwPerThread; ++i) {
+            wt[bc * LDW + bk + i * (kThreads / BN)] = wv[i];  // transposed: wt[c][k]
           }
+          __syncthreads();
+          JSC_UNROLL
+          for (int k = 0; k < HBK; k += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+            load_tile(a, xs + wr * 16 * LDH + k, LDH);
+            JSC_UNROLL
+            for (int j = 0; j < 2; ++j) {
+              wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+              load_tile(b, wt + (wc * 32 + j * 16) * LDW + k, LDW);
+              wmma::mma_sync(acc[j], a, b, acc[j]);
+            }
+          }
+          __syncthreads();
         }
-        __syncthreads();
       }
     }
     for (int j = 0; j < 2; ++j)
@@ -275,16 +457,34 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---------------------------------------------------------------- kernel gradient
 // Partial sums over fixed row partitions: grid (ceil(Cin / BM), ceil(Cout / BN), S * P),
-// part[p, s] = sum over rows of partition p of x[nbr[m, s]]^T ct[m].
+// part[p, s] = sum over rows of partition p of x[nbr[m, s]]^T ct[m]. The neighbours of
+// KG_ROWS rows at a time come to shared memory in one read (a thread each), with a flag
+// per BK-row group that has any. Register cap: 4 blocks per SM (what ffi.num_partitions
+// assumes) at 64 registers, without spills; float64 needs more (2 blocks).
 template <class T>
-__global__ void __launch_bounds__(kThreads)
-    kernel_grad_partial(const T* x, const T* ct, const int32_t* nbr, typename Acc<T>::type* part,
-                        int64_t n, int64_t m, int num_slots, int cin, int cout, int parts) {
+struct KernelGradBlocksPerSm {
+  static constexpr int value = 4;
+};
+template <>
+struct KernelGradBlocksPerSm<double> {
+  static constexpr int value = 2;
+};
+
+template <class T>
+__global__ void __launch_bounds__(kThreads, KernelGradBlocksPerSm<T>::value)
+    kernel_grad_partial(const T* __restrict__ x, const T* __restrict__ ct,
+                        const int32_t* __restrict__ nbr,
+                        typename Acc<T>::type* __restrict__ part, int64_t n, int64_t m,
+                        int num_slots, int cin, int cout, int parts) {
   using A = typename Acc<T>::type;
-  JSC_SHARED(int32_t, rows, [BK]);
+  constexpr int kGroups = KG_ROWS / BK;
+  JSC_SHARED(int32_t, rows, [KG_ROWS]);
+  JSC_SHARED(int32_t, present, [kGroups]);
   JSC_SHARED(A, xs, [BK * LDA]);
   JSC_SHARED(A, cs, [BK * BN]);
   const int tid = threadIdx.x, tr = tid / 16, tc = tid % 16;
+  // This thread's elements of the tile copies: row (k) ck + 4 i, column ci / cc.
+  const int ck = tid / BM, ci = tid % BM, cc = tid % BN;
   const int i0 = blockIdx.x * BM, c0 = blockIdx.y * BN;
   const int s = blockIdx.z % num_slots, p = blockIdx.z / num_slots;
   const int64_t per = (m + parts - 1) / parts;
@@ -292,17 +492,40 @@ __global__ void __launch_bounds__(kThreads)
   A acc[4][4];
   for (int i = 0; i < 4; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
-  for (int64_t r0 = mb; r0 < me; r0 += BK) {
-    if (!load_rows(rows, BK, nbr, r0, me, s, num_slots, n, tid)) continue;
-    for (int e = tid; e < BK * BM; e += kThreads) {  // xs[k][i] = x[nbr[r0 + k, s], i0 + i]
-      const int k = e / BM, i = e % BM;
-      const int32_t j = rows[k];
-      xs[k * LDA + i] = (j >= 0 && i0 + i < cin) ? load_acc(x[int64_t(j) * cin + i0 + i]) : A(0);
+  for (int64_t b0 = mb; b0 < me; b0 += KG_ROWS) {
+    rows[tid] = neighbour(nbr, b0 + tid, me, s, num_slots, n);  // -1 from `me` on
+    __syncthreads();
+    int any = 0;
+    if (tid < kGroups) {
+      JSC_UNROLL
+      for (int k = 0; k < BK; ++k) any |= rows[tid * BK + k] >= 0;
+      present[tid] = any;
     }
-    load_b_tile(cs, ct, r0, me, c0, cout, rows, tid);
-    __syncthreads();
-    fma_tile(xs, cs, tr, tc, acc);
-    __syncthreads();
+    if (!__syncthreads_or(any)) continue;
+    for (int g = 0; g < kGroups; ++g) {
+      if (!present[g]) continue;
+      const int64_t r0 = b0 + g * BK;
+      const int32_t* grows = rows + g * BK;
+      A xv[kXPerThread], cv[kWPerThread];
+      JSC_UNROLL
+      for (int i = 0; i < kXPerThread; ++i) {  // xs[k][i] = x[nbr[r0 + k, s], i0 + i]
+        const int32_t j = grows[ck + i * (kThreads / BM)];
+        xv[i] = (j >= 0 && i0 + ci < cin) ? load_acc(x[int64_t(j) * cin + i0 + ci]) : A(0);
+      }
+      JSC_UNROLL
+      for (int i = 0; i < kWPerThread; ++i) {  // cs[k][c] = ct[r0 + k, c0 + c] where kept
+        const int k = ck + i * (kThreads / BN);
+        cv[i] = (grows[k] >= 0 && c0 + cc < cout) ? load_acc(ct[(r0 + k) * cout + c0 + cc])
+                                                  : A(0);
+      }
+      JSC_UNROLL
+      for (int i = 0; i < kXPerThread; ++i) xs[(ck + i * (kThreads / BM)) * LDA + ci] = xv[i];
+      JSC_UNROLL
+      for (int i = 0; i < kWPerThread; ++i) cs[tid + i * kThreads] = cv[i];
+      __syncthreads();
+      fma_tile(xs, cs, tr, tc, acc);
+      __syncthreads();
+    }
   }
   A* out = part + (int64_t(p) * num_slots + s) * cin * cout;
   for (int i = 0; i < 4; ++i)
@@ -315,7 +538,8 @@ __global__ void __launch_bounds__(kThreads)
 // dw[e] = sum_p part[p, e], in partition order.
 template <class T>
 __global__ void __launch_bounds__(kThreads)
-    sum_partials(const typename Acc<T>::type* part, T* dw, int64_t size, int parts) {
+    sum_partials(const typename Acc<T>::type* __restrict__ part, T* __restrict__ dw,
+                 int64_t size, int parts) {
   const int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (e >= size) return;
   typename Acc<T>::type sum = 0;
@@ -354,20 +578,26 @@ bool by_dtype(ffi::DataType t, F&& f) {
 template <class T>
 void gather_matmul_launch(jsc_stream_t stream, const void* x, const void* w, const int32_t* nbr,
                           void* y, int64_t n, int64_t m, int s, int cin, int cout) {
-  const dim3 grid(unsigned(ceil_div(m, BM)), unsigned(ceil_div(cout, BN)));
+  const int col_tiles = int(ceil_div(cout, BN));
+  const dim3 grid(unsigned(ceil_div(m, BM) * col_tiles));  // checked <= kMaxGridX
   const T* xt = static_cast<const T*>(x);
   const T* wt = static_cast<const T*>(w);
   T* yt = static_cast<T*>(y);
-  if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value) {
-    JSC_LAUNCH(gather_matmul_simt<T>, grid, dim3(kThreads), stream, xt, wt, nbr, yt, n, m, s,
-               cin, cout);
-  } else if (std::is_same<T, __nv_bfloat16>::value &&
-             compute_capability(stream) < kMinCcBf16Mma) {  // no bf16 tensor cores
-    JSC_LAUNCH(gather_matmul_simt<T>, grid, dim3(kThreads), stream, xt, wt, nbr, yt, n, m, s,
-               cin, cout);
-  } else {
-    JSC_LAUNCH(gather_matmul_mma<T>, grid, dim3(kThreads), stream, xt, wt, nbr, yt, n, m, s, cin,
-               cout);
+  bool simt = std::is_same<T, float>::value || std::is_same<T, double>::value;
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    simt = compute_capability(stream) < kMinCcBf16Mma;  // no bf16 tensor cores
+  }
+  if constexpr (!std::is_same<T, __half>::value) {
+    if (simt) {
+      JSC_LAUNCH(gather_matmul_simt<T>, grid, dim3(kThreads), stream, xt, wt, nbr, yt, n, m, s,
+                 cin, cout, col_tiles);
+    }
+  }
+  if constexpr (!std::is_same<T, float>::value && !std::is_same<T, double>::value) {
+    if (!simt) {
+      JSC_LAUNCH(gather_matmul_mma<T>, grid, dim3(kThreads), stream, xt, wt, nbr, yt, n, m, s,
+                 cin, cout, col_tiles);
+    }
   }
 }
 
@@ -386,6 +616,11 @@ ffi::Error GatherMatmul(JSC_STREAM_PARAM ffi::AnyBuffer x, ffi::AnyBuffer w,
   }
   if (!fits_int32(n) || m >= (int64_t(1) << 40)) return invalid("gather_matmul: too many rows");
   if (m == 0 || cout == 0) return ffi::Error::Success();
+  if (ceil_div(m, BM) * ceil_div(cout, BN) > kMaxGridX) {  // one block per 64 x 64 tile
+    return invalid("gather_matmul: M * Cout = " + std::to_string(m) + " * " +
+                   std::to_string(cout) + " needs more 64 x 64 tiles than one launch runs (" +
+                   std::to_string(kMaxGridX) + ")");
+  }
   const int32_t* idx = nbr.typed_data();
   const bool ok = by_dtype(t, [&](auto tag) {
     gather_matmul_launch<typename decltype(tag)::type>(stream, x.untyped_data(),
@@ -436,6 +671,7 @@ ffi::Error KernelGrad(JSC_STREAM_PARAM ffi::AnyBuffer x, ffi::AnyBuffer ct,
     return invalid("kernel_grad: x, ct and dw must share one dtype; part is its accumulator");
   }
   if (!fits_int32(n)) return invalid("kernel_grad: too many rows");
+  if (ceil_div(cout, BN) > kMaxGridZ) return invalid("kernel_grad: Cout too large for the grid");
   if (s == 0 || cin == 0 || cout == 0) return ffi::Error::Success();
   const bool ok = by_dtype(t, [&](auto tag) {
     kernel_grad_launch<typename decltype(tag)::type>(

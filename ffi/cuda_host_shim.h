@@ -39,6 +39,8 @@
 //   JSC_SHIM_MODE=reverse,poison.
 // * Shared memory: JSC_SHARED(type, name, dims) declares it (a plain __shared__ also
 //   compiles, but is not poisoned; conv_cuda.cu uses JSC_SHARED only).
+// $JSC_SHIM_CC (default 90) is the compute capability the kernels' host code sees, e.g. 75
+// for the launch choices of a GPU without bf16 tensor cores.
 #pragma once
 
 // Fibers switch with _setjmp/_longjmp (no signal-mask system call, unlike swapcontext);
@@ -273,7 +275,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 bdim, A... args) {
   std::string err = launch_config_error(grid, bdim);
   if (!err.empty()) {
     std::fprintf(stderr, "jax_sparseconv host shim: %s\n", err.c_str());
-    if (g_launch_error.empty()) g_launch_error = err;  // the first error, as CUDA keeps it
+    g_launch_error = err;  // until JSC_CHECK_LAUNCH() takes it, as cudaGetLastError
     return;
   }
   const Mode mode = mode_from_env();

@@ -13,6 +13,8 @@ from jax_sparseconv._src.errors import ErrorCode as ErrorCode
 from jax_sparseconv._src.errors import InvalidInputError as InvalidInputError
 from jax_sparseconv._src.errors import get_error_mode as get_error_mode
 from jax_sparseconv._src.errors import set_error_mode as set_error_mode
+from jax_sparseconv._src.export import export_disabled_checks as export_disabled_checks
+from jax_sparseconv._src.export import export_mode as export_mode
 from jax_sparseconv._src.gather_matmul import CHUNK_BYTES as CHUNK_BYTES
 from jax_sparseconv._src.kernel_map import KernelMap as KernelMap
 from jax_sparseconv._src.kernel_map import build_kernel_map as build_kernel_map

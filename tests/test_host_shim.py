@@ -69,3 +69,36 @@ def test_divergent_barrier_aborts(program):
   run = subprocess.run([str(program), "divergent"], capture_output=True, text=True)
   assert run.returncode != 0
   assert "divergent __syncthreads" in run.stderr
+
+
+# ------------------------------------------------------------------ kernel paths
+# Shapes that tests/test_kernels.py does not reach: more slots than one shared-memory
+# neighbour block holds (32: the gather-matmul reads them in chunks), with whole chunks
+# empty for a tile, through the host build of ffi/conv_cuda.cu.
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "float16"])
+@pytest.mark.parametrize("s", [33, 70])
+def test_gather_matmul_kernel_over_several_neighbour_blocks(rng, dtype, s):
+  import jax.numpy as jnp
+  import numpy as np
+
+  from jax_sparseconv._src import backend, ffi
+  from conftest import rel_err, x64
+  from test_kernels import TOLS, _inputs, loop_gather_matmul, random_map
+  if ffi.host is None:
+    pytest.skip("no host build")
+  n, m, cin, cout = 90, 140, 20, 70
+  x, w = _inputs(rng, dtype, n, m, s, cin, cout)
+  nbr = random_map(rng, n, m, s, absent=0.8)
+  nbr[:64, 32:64] = n  # the first tile: the whole second block of slots empty
+  nbr[64:128, :32] = -1  # the second tile: the whole first block empty
+  previous = backend.set_kernel_backend("host")
+  try:
+    with x64():
+      out = ffi.gather_matmul(jnp.asarray(x, dtype), jnp.asarray(w, dtype), jnp.asarray(nbr),
+                              jnp.dtype(dtype))
+      expect = loop_gather_matmul(x.astype(np.float64), w.astype(np.float64), nbr)
+      assert rel_err(np.asarray(out, np.float64), expect) < TOLS[dtype]
+  finally:
+    backend.set_kernel_backend(previous)

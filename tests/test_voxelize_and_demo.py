@@ -1,4 +1,4 @@
-"""unique_voxels / voxelize / downsample, and the README's demo."""
+"""unique_voxels / voxelize / downsample."""
 
 from __future__ import annotations
 
@@ -48,10 +48,3 @@ def test_voxelize_and_downsample(rng):
   km = sc.build_kernel_map(p, c, 0.25, 2, in_valid=k, out_valid=kc)
   counts = np.asarray(km.input_counts())
   assert np.all(counts[:k] == 1)
-
-
-def test_demo_runs(capsys):
-  from jax_sparseconv import demo
-  assert demo.main(["--voxels", "3000"]) == 0
-  out = capsys.readouterr().out
-  assert "max rel. error" in out and "OK" in out and "kernel maps" in out

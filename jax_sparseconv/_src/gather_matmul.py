@@ -37,6 +37,8 @@ from . import backend, ffi, vma
 CHUNK_BYTES = 16 * 2**20
 #: Bounds on the number of output rows in one chunk.
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 256, 8192
+# Full float32 matmuls on GPUs too (their default is TF32, ~1e-3 relative error).
+_EXACT = jax.lax.Precision.HIGHEST
 
 # ------------------------------------------------------------------ shared helpers
 
@@ -84,12 +86,12 @@ def _x_cotangent(x_aval, rows, kernel, nbr, inv, unique, jnp_op):
   ``jnp_op(x) -> rows-shaped``, whose cotangent ``rows`` is."""
   kernel_t = jnp.swapaxes(kernel, 1, 2)
 
-  def by_gather(rows):
-    return gather_matmul(rows, kernel_t, inv, nbr, unique, x_aval.dtype)
+  def by_gather(rows):  # both branches vary like `rows` (shard_map)
+    return vma.match(gather_matmul(rows, kernel_t, inv, nbr, unique, x_aval.dtype), rows)[0]
 
   def by_scatter(rows):
-    return jax.vjp(jnp_op, jnp.zeros(x_aval.shape, x_aval.dtype))[1](rows)[0].astype(
-        x_aval.dtype)
+    x_bar = jax.vjp(jnp_op, jnp.zeros(x_aval.shape, x_aval.dtype))[1](rows)[0]
+    return vma.match(x_bar.astype(x_aval.dtype), rows)[0]
 
   return jax.lax.cond(unique, by_gather, by_scatter, rows)
 
@@ -146,7 +148,7 @@ def gather_matmul_jnp(x, w, nbr, out_dtype):
   w2 = w.reshape(s * cin, cout)
 
   def block(idx):
-    return jnp.dot(_gather_rows(xp, idx), w2, preferred_element_type=acc)
+    return jnp.dot(_gather_rows(xp, idx), w2, preferred_element_type=acc, precision=_EXACT)
 
   rows = chunk_rows(s, cin, jnp.dtype(x.dtype).itemsize)
   if m <= rows:
@@ -236,7 +238,7 @@ def kernel_grad_jnp(x, ct, nbr, w_dtype):
 
   def partial_grad(idx, ct_chunk):  # (Cout, S * Cin): ct^T g is faster on CPU than g^T ct
     return jax.lax.dot_general(ct_chunk, _gather_rows(xp, idx), (((0,), (0,)), ((), ())),
-                               preferred_element_type=acc)
+                               preferred_element_type=acc, precision=_EXACT)
 
   rows = chunk_rows(s, cin, jnp.dtype(x.dtype).itemsize)
   if m <= rows:
