@@ -316,8 +316,10 @@ def backends_for(platform: str, device) -> dict[str, str]:
       out["auto"] = "jnp (no compiled build installed)"
     return out
   out = {"jnp": "jnp everywhere"}
-  if _is_cuda(device) and builds["cuda"]:
+  if _is_cuda(device) and builds["cuda"] and builds.get("cuda_usable", True):
     out["auto"] = "CUDA kernels"
+  elif _is_cuda(device) and builds["cuda"]:
+    out["auto"] = f"jnp (CUDA build not usable here: {builds.get('cuda_reason', '?')})"
   else:
     out["auto"] = ("jnp (no CUDA build: reinstall with nvcc)" if _is_cuda(device) else
                    "jnp (no kernels for this platform)")
