@@ -115,3 +115,20 @@ def test_readme_example_is_the_tested_file_and_runs(capsys):
   out = capsys.readouterr().out
   accuracy = float(out.strip().rsplit("accuracy", 1)[1])
   assert accuracy > 0.9
+
+
+def test_levels_nest_like_open3d_ml(rng):
+  """Three downs: parents are floor(i / 2) of the previous level's integer voxels at every
+  level (before: the second down() failed, its points off the first coarse lattice)."""
+  pts = rng.uniform(0, 12, (400, 3)).astype(np.float32)
+  t = sc.SparseTensor.from_points(pts, np.ones((400, 1), np.float32), 0.5)
+  idx = np.unique(np.floor(pts / 0.5).astype(np.int64), axis=0)
+  for level in range(3):
+    t = t.down()
+    idx = np.unique(idx // 2, axis=0)
+    k = int(t.count)
+    assert k == len(idx)
+    got = np.unique(np.floor(np.asarray(t.positions[:k]) / float(t.voxel_size)), axis=0)
+    np.testing.assert_array_equal(got, idx)
+    assert np.all(np.asarray(t.maps["down"].input_counts())[
+        np.asarray(t.maps["down"].in_mask)] == 1)  # every finer voxel has one parent

@@ -150,7 +150,12 @@ def _coarse(positions, vs, mask, *, factor, all_valid):
   ref = lattice.reference_point(positions, mask, positions, mask, a_all_valid=all_valid)
   _, flags = lattice.quantize(positions, vs, mask, ref)
   flags |= lattice.voxel_size_flags(vs)
-  coarse = (jnp.floor(jnp.floor(positions / vs) / factor) * factor + 0.5) * vs
+  # The lattice is o + i * vs (o its phase, e.g. 0.5 * vs for voxel centres); each block
+  # of `factor` voxels keeps its first one, so coarse points stay on the fine lattice and
+  # coarse levels nest (parents floor(i / factor) at every level, as Open3D-ML's).
+  phase = ref - vs * jnp.floor(ref / vs)
+  index = jnp.round((positions - phase) / vs)
+  coarse = phase + jnp.floor(index / factor) * factor * vs
   return errors.poison(coarse, flags), flags
 
 
@@ -160,7 +165,8 @@ def downsample(positions, voxel_size, factor: int = 2, *, valid=None, batch=None
 
   For voxel-centre positions ``(i + 0.5) * vs`` (what :func:`voxelize` gives), each
   block ``i // factor`` is represented by its first voxel ``(factor * (i // factor) +
-  0.5) * vs``. With ``factor=2`` these are exactly the outputs of a ``K=2`` conv at
+  0.5) * vs``; on any lattice ``o + i * vs``, by ``o + factor * (i // factor) * vs``, so
+  repeated down-sampling nests (each level's parents are ``i // factor`` of the last). With ``factor=2`` these are exactly the outputs of a ``K=2`` conv at
   ``voxel_size`` (Open3D's default offset covers ``{p, p + vs}`` per axis), and the
   inputs of the ``K=2`` transposed conv that up-samples back. The coarse points lie on
   a lattice of spacing ``factor * voxel_size``, usable as the next level's voxel size.
