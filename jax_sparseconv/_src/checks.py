@@ -120,3 +120,20 @@ def check_capacity(capacity) -> int:
   if capacity < 0:
     raise ValueError(f"capacity must be >= 0, got {capacity}")
   return int(capacity)
+
+
+def valid_mask(valid, shape, name: str = "valid"):
+  """Validity of padded rows, for one set ``shape = (n,)`` or a batch ``(B, n)``: ``None``
+  (all rows), integer count(s) of shape ``shape[:-1]`` (the first rows are valid), or a
+  bool mask of ``shape``. Returns the bool mask."""
+  if valid is None:
+    return jnp.ones(shape, bool)
+  valid = jnp.asarray(valid)
+  if valid.dtype == jnp.bool_:
+    if valid.shape != tuple(shape):
+      raise ValueError(f"{name} mask must have shape {tuple(shape)}, got {valid.shape}")
+    return valid
+  if not jnp.issubdtype(valid.dtype, jnp.integer) or valid.shape != tuple(shape[:-1]):
+    raise ValueError(f"{name} must be a bool mask {tuple(shape)} or integer counts of shape "
+                     f"{tuple(shape[:-1])}, got {valid.dtype} {valid.shape}")
+  return jnp.arange(shape[-1], dtype=jnp.int32) < valid[..., None]

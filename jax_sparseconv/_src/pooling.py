@@ -23,21 +23,9 @@ import numpy as np
 
 import jax_sparseconv as sc
 
+from . import checks
+
 __all__ = ["sparse_max_pool", "sparse_avg_pool", "global_max_pool", "global_avg_pool"]
-
-
-def _mask(valid, shape):
-  if valid is None:
-    return jnp.ones(shape, bool)
-  valid = jnp.asarray(valid)
-  if valid.dtype == jnp.bool_:
-    if valid.shape != tuple(shape):
-      raise ValueError(f"valid mask must have shape {tuple(shape)}, got {valid.shape}")
-    return valid
-  if valid.shape != tuple(shape[:-1]) or not jnp.issubdtype(valid.dtype, jnp.integer):
-    raise ValueError(f"valid must be a bool mask {tuple(shape)} or integer count(s) of shape "
-                     f"{tuple(shape[:-1])}, got {valid.dtype} {valid.shape}")
-  return jnp.arange(shape[-1]) < valid[..., None]
 
 
 def _int_arg(name, value):
@@ -55,7 +43,7 @@ def _pool(mode, feats, positions, voxel_size, kernel_size, stride, valid, batch,
   n = positions.shape[0]
   if feats.ndim != 2 or feats.shape[0] != n:
     raise ValueError(f"feats must have shape ({n}, C), got {feats.shape}")
-  mask = _mask(valid, (n,))
+  mask = checks.valid_mask(valid, (n,))
   vs = jnp.asarray(voxel_size, positions.dtype)
   # Candidate outputs of each input, per axis: o in [ceil((i - K + 1) / s), floor(i / s)].
   per_axis = -(-kernel_size // stride)
@@ -154,7 +142,7 @@ def _global(mode, feats, valid, batch, num_clouds):
   feats = jnp.asarray(feats)
   if feats.ndim not in (2, 3):
     raise ValueError(f"feats must have shape (n, C) or (B, n, C), got {feats.shape}")
-  mask = _mask(valid, feats.shape[:-1])
+  mask = checks.valid_mask(valid, feats.shape[:-1])
   if batch is not None:
     if feats.ndim != 2:
       raise ValueError("batch goes with packed (n, C) features")

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_sparseconv as sc
+from jax_sparseconv._src import checks
 
 __all__ = [
     "LevelVoxels", "LevelMaps", "input_layer", "output_layer", "calculate_grid",
@@ -48,26 +49,6 @@ __all__ = [
 _SENTINEL = np.uint32(0xFFFFFFFF)
 #: Coordinates (relative to the set's minimum) and batch indices must be below this.
 MAX_SPAN = 1 << 16
-
-
-def _is_concrete(x) -> bool:
-  return not isinstance(x, jax.core.Tracer)
-
-
-def _valid_mask(valid, shape, name: str = "valid"):
-  """``None`` (all rows), an int count (first rows; per cloud: ``(B,)``) or a bool mask of
-  ``shape`` -> bool mask of ``shape`` (``(n,)`` or ``(B, n)``)."""
-  if valid is None:
-    return jnp.ones(shape, bool)
-  valid = jnp.asarray(valid)
-  if valid.dtype == jnp.bool_:
-    if valid.shape != tuple(shape):
-      raise ValueError(f"{name} mask must have shape {tuple(shape)}, got {valid.shape}")
-    return valid
-  if not jnp.issubdtype(valid.dtype, jnp.integer) or valid.shape != tuple(shape[:-1]):
-    raise ValueError(f"{name} must be a bool mask {tuple(shape)} or integer counts of shape "
-                     f"{tuple(shape[:-1])}, got {valid.dtype} {valid.shape}")
-  return jnp.arange(shape[-1], dtype=jnp.int32) < valid[..., None]
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -221,7 +202,7 @@ def input_layer(points, feats, *, valid=None, batch=None, capacity: int | None =
   n = points.shape[0]
   if feats.ndim != 2 or feats.shape[0] != n:
     raise ValueError(f"feats must have shape ({n}, C), got {feats.shape}")
-  return _input_layer(points, feats, _valid_mask(valid, (n,)), _as_batch(batch, n),
+  return _input_layer(points, feats, checks.valid_mask(valid, (n,)), _as_batch(batch, n),
                       capacity=n if capacity is None else int(capacity))
 
 
@@ -403,7 +384,7 @@ class SparseBatchNorm(nn.Module):
     """``x``: ``(n, C)`` or ``(B, n, C)``; ``valid``: bool mask of ``x.shape[:-1]``, int
     count(s) or None (all rows valid). Returns ``x``'s shape."""
     c = x.shape[-1]
-    mask = _valid_mask(valid, x.shape[:-1])[..., None]
+    mask = checks.valid_mask(valid, x.shape[:-1])[..., None]
     scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
     bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
     ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))

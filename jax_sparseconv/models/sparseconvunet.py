@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_sparseconv as sc
+from jax_sparseconv._src import checks
 from jax_sparseconv.models.layers import (
     Convolution, DeConvolution, LevelVoxels, ResidualBlock, SparseBatchNorm,
-    SubmanifoldSparseConv, _is_concrete, _valid_mask, calculate_grid, input_layer,
+    SubmanifoldSparseConv, calculate_grid, input_layer,
     level_kernel_maps, output_layer)
 
 __all__ = ["SparseConvUnet", "UNet", "unet_layout", "unet_level_sizes", "open3d_ml_preprocess",
@@ -284,7 +285,7 @@ class SparseConvUnet(nn.Module):
     pts, fts, bat, val, how = _stack_inputs(points, feats, batch, valid, self.in_channels)
     num_clouds, n = pts.shape[0], pts.shape[1]
     levels = self.num_levels
-    concrete = all(_is_concrete(a) for a in (pts, bat, val))
+    concrete = all(checks.is_concrete(a) for a in (pts, bat, val))
     if capacities is None and concrete:
       sizes = [unet_level_sizes(pts[b], batch=None if bat is None else bat[b], valid=val[b],
                                 levels=levels) for b in range(num_clouds)]
@@ -344,7 +345,7 @@ def _report(error, message: str):
   """The library's error rule for a bool error scalar: raise now when concrete; inside
   ``jit``, in error mode ``"raise"`` (:func:`jax_sparseconv.set_error_mode`), raise from a
   host callback when the program runs. (The outputs are poisoned with NaN either way.)"""
-  if _is_concrete(error):
+  if checks.is_concrete(error):
     if bool(error):
       raise ValueError(message)
     return
@@ -377,7 +378,7 @@ def _stack_inputs(points, feats, batch, valid, in_channels):
     pts, fts = jnp.asarray(points), jnp.asarray(feats)
     if pts.ndim == 2:
       pts, fts = pts[None], fts[None]
-      val = _valid_mask(valid, pts.shape[1:2])[None]
+      val = checks.valid_mask(valid, pts.shape[1:2])[None]
       bat = None
       if batch is not None:
         bat = jnp.asarray(batch)
@@ -388,7 +389,7 @@ def _stack_inputs(points, feats, batch, valid, in_channels):
     elif pts.ndim == 3:
       if batch is not None:
         raise ValueError("a padded (B, n, 3) batch takes valid, not batch")
-      val = _valid_mask(valid, pts.shape[:2])
+      val = checks.valid_mask(valid, pts.shape[:2])
       bat, how = None, None
     else:
       raise ValueError(f"points must have shape (n, 3) or (B, n, 3), got {pts.shape}")
