@@ -1,4 +1,5 @@
-"""Shared test helpers: random lattice clouds, x64 context, golden-case loading."""
+"""Shared test helpers: random lattice clouds, x64 context, tolerances, the per-test seed, the
+kernel-backend and error-mode fixtures, and where the golden cases lie."""
 
 from __future__ import annotations
 
