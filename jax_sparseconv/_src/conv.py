@@ -106,7 +106,9 @@ def _check_voxel_size_matches(km, voxel_size):
 def _conv(kernel, bias, feats, importance, km, *, normalize, activation, transpose):
   """Both ops after argument checks, as one compiled program."""
   dtype = jnp.result_type(feats.dtype, kernel.dtype)
-  w = kernel.reshape(-1, *kernel.shape[3:])[np.asarray(km.slot_cells, np.int32)]
+  w = kernel.reshape(-1, *kernel.shape[3:])
+  if km.slot_cells != tuple(range(w.shape[0])):  # unusual offsets: slots share or skip cells
+    w = w[np.asarray(km.slot_cells, np.int32)]
   x = feats
   if not transpose and importance is not None:
     x = feats * importance[:, None].astype(feats.dtype)
