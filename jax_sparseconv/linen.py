@@ -22,7 +22,7 @@ from flax.linen.dtypes import promote_dtype
 
 from jax_sparseconv._src import checks
 from jax_sparseconv._src.conv import sparse_conv, sparse_conv_transpose
-from jax_sparseconv._src.tensor import SparseTensor
+from jax_sparseconv._src.tensor import SparseTensor, level_conv
 
 __all__ = ["SparseConv", "SparseConvTranspose", "SubMConv", "DownConv", "UpConv", "uniform_init"]
 
@@ -152,10 +152,8 @@ class SubMConv(SparseConv):
 
   @nn.compact
   def __call__(self, t: SparseTensor, inp_importance=None) -> SparseTensor:
-    km = t.kernel_map(checks.normalize_kernel_size(self.kernel_size))
-    y = self._run(sparse_conv, t.feats, t.positions, t.positions, t.voxel_size, inp_importance,
-                  km, "inp_importance")
-    return t.replace(feats=y)
+    *args, km = level_conv("subm", t, t, checks.normalize_kernel_size(self.kernel_size))
+    return t.replace(feats=self._run(sparse_conv, *args, inp_importance, km, "inp_importance"))
 
 
 class DownConv(SparseConv):
@@ -166,9 +164,8 @@ class DownConv(SparseConv):
 
   @nn.compact
   def __call__(self, fine: SparseTensor, coarse: SparseTensor) -> SparseTensor:
-    y = self._run(sparse_conv, fine.feats, fine.positions, coarse.positions, fine.voxel_size,
-                  None, coarse.maps["down"], "inp_importance")
-    return coarse.replace(feats=y)
+    *args, km = level_conv("down", fine, coarse)
+    return coarse.replace(feats=self._run(sparse_conv, *args, None, km, "inp_importance"))
 
 
 class UpConv(SparseConvTranspose):
@@ -179,6 +176,5 @@ class UpConv(SparseConvTranspose):
 
   @nn.compact
   def __call__(self, coarse: SparseTensor, fine: SparseTensor) -> SparseTensor:
-    y = self._run(sparse_conv_transpose, coarse.feats, coarse.positions, fine.positions,
-                  fine.voxel_size, None, coarse.maps["up"], "out_importance")
-    return fine.replace(feats=y)
+    *args, km = level_conv("up", coarse, fine)
+    return fine.replace(feats=self._run(sparse_conv_transpose, *args, None, km, "out_importance"))

@@ -26,7 +26,7 @@ from flax.nnx.nn.dtypes import promote_dtype
 
 from jax_sparseconv._src import checks
 from jax_sparseconv._src.conv import sparse_conv, sparse_conv_transpose
-from jax_sparseconv._src.tensor import SparseTensor
+from jax_sparseconv._src.tensor import SparseTensor, level_conv
 from jax_sparseconv.linen import uniform_init
 
 __all__ = ["SparseConv", "SparseConvTranspose", "SubMConv", "DownConv", "UpConv"]
@@ -166,10 +166,8 @@ class SubMConv(SparseConv):
   """
 
   def __call__(self, t: SparseTensor, inp_importance=None) -> SparseTensor:
-    km = t.kernel_map(self.kernel_size)
-    y = self._run(sparse_conv, t.feats, t.positions, t.positions, t.voxel_size, inp_importance,
-                  km, "inp_importance")
-    return t.replace(feats=y)
+    *args, km = level_conv("subm", t, t, self.kernel_size)
+    return t.replace(feats=self._run(sparse_conv, *args, inp_importance, km, "inp_importance"))
 
 
 class DownConv(SparseConv):
@@ -196,9 +194,8 @@ class DownConv(SparseConv):
     super().__init__(in_channels, filters, kernel_size, **kwargs)
 
   def __call__(self, fine: SparseTensor, coarse: SparseTensor) -> SparseTensor:
-    y = self._run(sparse_conv, fine.feats, fine.positions, coarse.positions, fine.voxel_size,
-                  None, coarse.maps["down"], "inp_importance")
-    return coarse.replace(feats=y)
+    *args, km = level_conv("down", fine, coarse)
+    return coarse.replace(feats=self._run(sparse_conv, *args, None, km, "inp_importance"))
 
 
 class UpConv(SparseConvTranspose):
@@ -226,6 +223,5 @@ class UpConv(SparseConvTranspose):
     super().__init__(in_channels, filters, kernel_size, **kwargs)
 
   def __call__(self, coarse: SparseTensor, fine: SparseTensor) -> SparseTensor:
-    y = self._run(sparse_conv_transpose, coarse.feats, coarse.positions, fine.positions,
-                  fine.voxel_size, None, coarse.maps["up"], "out_importance")
-    return fine.replace(feats=y)
+    *args, km = level_conv("up", coarse, fine)
+    return fine.replace(feats=self._run(sparse_conv_transpose, *args, None, km, "out_importance"))

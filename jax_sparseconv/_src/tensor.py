@@ -129,3 +129,19 @@ class SparseTensor:
     down = build_kernel_map(self.positions, coarse.positions, self.voxel_size, kernel_size,
                             **self._map_args(coarse))
     return coarse.replace(maps={"down": down, "up": down.transposed()})
+
+
+def level_conv(kind: str, src: SparseTensor, dst: SparseTensor, kernel_size=3):
+  """What a level layer (``SubMConv``, ``DownConv``, ``UpConv``, Linen or NNX) feeds to the
+  conv: ``(feats, in_pos, out_pos, voxel_size, kernel_map)``, with its result going to
+  ``dst``. ``kind``: ``"subm"`` (``dst`` is ``src``), ``"down"`` (fine ``src`` -> coarse
+  ``dst`` through ``dst.maps["down"]``) or ``"up"`` (coarse ``src`` -> fine ``dst``
+  through ``src.maps["up"]``, at the fine voxel size)."""
+  if kind == "subm":
+    km = src.kernel_map(kernel_size)
+    return src.feats, src.positions, src.positions, src.voxel_size, km
+  if kind == "down":
+    return src.feats, src.positions, dst.positions, src.voxel_size, dst.maps["down"]
+  if kind == "up":
+    return src.feats, src.positions, dst.positions, dst.voxel_size, src.maps["up"]
+  raise ValueError(f"kind must be 'subm', 'down' or 'up', got {kind!r}")
