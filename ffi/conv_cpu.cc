@@ -101,16 +101,23 @@ struct Problem {
 
 void rows(const Problem& p, int64_t begin, int64_t end, bool avx2) {
   const int64_t wstride = int64_t(p.cin) * p.cout;
+  float* yr[kTileRows];
+  const float* xr[kTileRows];
   for (int64_t m0 = begin; m0 < end; m0 += kTileRows) {
     const int64_t m1 = std::min(end, m0 + kTileRows);
     std::memset(p.out + m0 * p.cout, 0, sizeof(float) * (m1 - m0) * p.cout);
     for (int s = 0; s < p.s; ++s) {
-      const float* ws = p.b + s * wstride;
+      // The tile's rows with a neighbour at slot s, their x rows fetched ahead of use.
+      int count = 0;
       for (int64_t r = m0; r < m1; ++r) {
         const int32_t j = p.nbr[r * p.s + s];
         if (j < 0 || j >= p.n) continue;  // no neighbour (sentinel, or out of range)
-        row_update(p.out + r * p.cout, p.x + int64_t(j) * p.cin, ws, p.cin, p.cout, avx2);
+        yr[count] = p.out + r * p.cout;
+        xr[count++] = p.x + int64_t(j) * p.cin;
+        for (int k = 0; k < p.cin; k += 16) __builtin_prefetch(xr[count - 1] + k);
       }
+      const float* ws = p.b + s * wstride;
+      for (int a = 0; a < count; ++a) row_update(yr[a], xr[a], ws, p.cin, p.cout, avx2);
     }
   }
 }
@@ -143,88 +150,118 @@ ffi::Error GatherMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 
 
 // ---------------------------------------------------------------- kernel gradient
-// dw[s] = sum_m x[nbr[m, s]]^T ct[m]. Threads own whole slots (slot t, t + T, ...). For each
-// slot the pairs that exist are taken in row order, kPairs at a time, gathered into
-// contiguous blocks X^T (Cin x kPairs) and G (kPairs x Cout) that stay in L1, and
-// dw[s] += X^T G is computed row by row with the forward's row update.
-// The summation order (chunks in row order, pairs in order) is fixed.
+// dw[s] = sum_m x[nbr[m, s]]^T ct[m]. Each slot is summed by one thread (slots are dealt
+// to threads largest first). A thread walks the rows in tiles, so that the x and ct rows
+// it reads stay in cache for all of its slots; for each of its slots, the tile's pairs are
+// taken kPairs at a time and dw[s] += X^T G is computed by a register-blocked micro-kernel
+// (R rows of dw by V * 8 columns, accumulated in registers over the pairs, reading the x
+// and ct rows in place). Every dw element is a sequential sum over its pairs in row order
+// whatever the tiles and threads: results do not depend on the thread count.
 constexpr int kPairs = 32;
+constexpr int64_t kGradTileRows = 256;
 
-// dw (cin x cout) += xt^T gs over `pairs` pairs; xt is (cin x kPairs), gs (pairs x cout):
-// each row of dw is the forward kernel's row update with the pairs as the reduction.
-void outer_accumulate(float* dw, const float* xt, const float* gs, int pairs, int cin, int cout,
-                      bool avx2) {
-  for (int i = 0; i < cin; ++i) {
-    row_update(dw + int64_t(i) * cout, xt + int64_t(i) * kPairs, gs, pairs, cout, avx2);
+// dw[0, r) x [0, cols) (row stride cout) += sum_k xr[k][0, r)^T gr[k][0, cols).
+inline void outer_block_scalar(float* dw, const float* const* xr, const float* const* gr,
+                               int pairs, int r, int cols, int cout) {
+  for (int a = 0; a < r; ++a) {
+    float* d = dw + int64_t(a) * cout;
+    for (int k = 0; k < pairs; ++k) {
+      const float b = xr[k][a];
+      for (int c = 0; c < cols; ++c) d[c] += b * gr[k][c];
+    }
   }
 }
 
 #ifdef JSC_X86
-// xt[i][q0 + k] = x[pairs[k].second][i] for k < 8: eight rows transposed 8 x 8 at a time.
-__attribute__((target("avx2,fma"))) void gather_transposed8_avx2(
-    float* xt, int q0, const float* x, int cin, const std::pair<int32_t, int32_t>* pairs) {
-  const float* src[8];
-  for (int k = 0; k < 8; ++k) src[k] = x + int64_t(pairs[k].second) * cin;
-  int i = 0;
-  for (; i + 8 <= cin; i += 8) {
-    __m256 r[8], t[8], u[8];
-    for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(src[k] + i);
-    for (int k = 0; k < 8; k += 2) {
-      t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
-      t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
-    }
-    for (int k = 0; k < 8; k += 4) {
-      u[k] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(1, 0, 1, 0));
-      u[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], _MM_SHUFFLE(3, 2, 3, 2));
-      u[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(1, 0, 1, 0));
-      u[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], _MM_SHUFFLE(3, 2, 3, 2));
-    }
-    for (int k = 0; k < 4; ++k) {
-      _mm256_storeu_ps(xt + int64_t(i + k) * kPairs + q0, _mm256_permute2f128_ps(u[k], u[k + 4], 0x20));
-      _mm256_storeu_ps(xt + int64_t(i + k + 4) * kPairs + q0,
-                       _mm256_permute2f128_ps(u[k], u[k + 4], 0x31));
+// The micro-kernel: an R x (8 V) block of dw in R * V registers; per pair, V loads of its
+// ct row and R broadcasts from its x row.
+template <int R, int V>
+__attribute__((target("avx2,fma"))) inline void outer_block_avx2(float* dw,
+                                                                 const float* const* xr,
+                                                                 const float* const* gr,
+                                                                 int pairs, int i0, int c0,
+                                                                 int cout) {
+  __m256 acc[R][V];
+  for (int a = 0; a < R; ++a)
+    for (int v = 0; v < V; ++v) acc[a][v] = _mm256_loadu_ps(dw + int64_t(a) * cout + 8 * v);
+  for (int k = 0; k < pairs; ++k) {
+    const float* g = gr[k] + c0;
+    const float* xk = xr[k] + i0;
+    __m256 gv[V];
+    for (int v = 0; v < V; ++v) gv[v] = _mm256_loadu_ps(g + 8 * v);
+    for (int a = 0; a < R; ++a) {
+      const __m256 b = _mm256_broadcast_ss(xk + a);
+      for (int v = 0; v < V; ++v) acc[a][v] = _mm256_fmadd_ps(b, gv[v], acc[a][v]);
     }
   }
-  for (; i < cin; ++i)
-    for (int k = 0; k < 8; ++k) xt[int64_t(i) * kPairs + q0 + k] = src[k][i];
+  for (int a = 0; a < R; ++a)
+    for (int v = 0; v < V; ++v) _mm256_storeu_ps(dw + int64_t(a) * cout + 8 * v, acc[a][v]);
+}
+
+// Rows [i0, i0 + R) of dw, every column: 16-column blocks, then 8, then the scalar tail.
+template <int R>
+__attribute__((target("avx2,fma"))) void outer_rows_avx2(float* dw, const float* const* xr,
+                                                         const float* const* gr, int pairs,
+                                                         int i0, int cout) {
+  float* d = dw + int64_t(i0) * cout;
+  int c = 0;
+  for (; c + 16 <= cout; c += 16) outer_block_avx2<R, 2>(d + c, xr, gr, pairs, i0, c, cout);
+  for (; c + 8 <= cout; c += 8) outer_block_avx2<R, 1>(d + c, xr, gr, pairs, i0, c, cout);
+  if (c < cout) {
+    const float* xs[kPairs];
+    const float* gs[kPairs];
+    for (int k = 0; k < pairs; ++k) xs[k] = xr[k] + i0, gs[k] = gr[k] + c;
+    outer_block_scalar(d + c, xs, gs, pairs, R, cout - c, cout);
+  }
 }
 #endif
 
-void grad_slots(const Problem& p, int first, int step, bool avx2) {
-  // The pairs of this thread's slots, in row order: one pass over the map.
-  std::vector<std::vector<std::pair<int32_t, int32_t>>> lists((p.s - first + step - 1) / step);
-  for (int64_t r = 0; r < p.m; ++r) {
-    const int32_t* row = p.nbr + r * p.s;
-    for (int s = first, k = 0; s < p.s; s += step, ++k) {
-      const int32_t j = row[s];
-      if (j >= 0 && j < p.n) lists[k].emplace_back(int32_t(r), j);
-    }
-  }
-  std::vector<float> xt(size_t(kPairs) * p.cin), gs(size_t(kPairs) * p.cout);
-  for (int s = first, k = 0; s < p.s; s += step, ++k) {
-    float* dw = p.out + int64_t(s) * p.cin * p.cout;
-    std::fill(dw, dw + int64_t(p.cin) * p.cout, 0.0f);
-    const auto& pairs = lists[k];
-    for (size_t q0 = 0; q0 < pairs.size(); q0 += kPairs) {
-      const int count = int(std::min<size_t>(kPairs, pairs.size() - q0));
-      const std::pair<int32_t, int32_t>* chunk = pairs.data() + q0;
-      int q = 0;
+// dw (cin x cout) += sum_k x_k^T g_k over `pairs` (<= kPairs) pairs of rows.
+void outer_accumulate(float* dw, const float* const* xr, const float* const* gr, int pairs,
+                      int cin, int cout, bool avx2) {
 #ifdef JSC_X86
-      if (avx2) {
-        for (; q + 8 <= count; q += 8) gather_transposed8_avx2(xt.data(), q, p.x, p.cin, chunk + q);
-      }
-#endif
-      for (; q < count; ++q) {
-        const float* xr = p.x + int64_t(chunk[q].second) * p.cin;
-        for (int i = 0; i < p.cin; ++i) xt[size_t(i) * kPairs + q] = xr[i];
-      }
-      for (q = 0; q < count; ++q) {
-        std::memcpy(&gs[size_t(q) * p.cout], p.b + int64_t(chunk[q].first) * p.cout,
-                    sizeof(float) * p.cout);
-      }
-      outer_accumulate(dw, xt.data(), gs.data(), count, p.cin, p.cout, avx2);
+  if (avx2) {
+    int i = 0;
+    for (; i + 6 <= cin; i += 6) outer_rows_avx2<6>(dw, xr, gr, pairs, i, cout);
+    switch (cin - i) {
+      case 5: outer_rows_avx2<5>(dw, xr, gr, pairs, i, cout); break;
+      case 4: outer_rows_avx2<4>(dw, xr, gr, pairs, i, cout); break;
+      case 3: outer_rows_avx2<3>(dw, xr, gr, pairs, i, cout); break;
+      case 2: outer_rows_avx2<2>(dw, xr, gr, pairs, i, cout); break;
+      case 1: outer_rows_avx2<1>(dw, xr, gr, pairs, i, cout); break;
+      default: break;
     }
-    std::vector<std::pair<int32_t, int32_t>>().swap(lists[k]);
+    return;
+  }
+#endif
+  (void)avx2;
+  outer_block_scalar(dw, xr, gr, pairs, cin, cout, cout);
+}
+
+// dw[s] for the slots `mine`, the rows walked in tiles.
+void grad_slots(const Problem& p, const std::vector<int>& mine, bool avx2) {
+  const int64_t wsize = int64_t(p.cin) * p.cout;
+  for (int s : mine) std::fill(p.out + s * wsize, p.out + (s + 1) * wsize, 0.0f);
+  const float* xr[kPairs];
+  const float* gr[kPairs];
+  for (int64_t m0 = 0; m0 < p.m; m0 += kGradTileRows) {
+    const int64_t m1 = std::min(p.m, m0 + kGradTileRows);
+    for (int s : mine) {
+      float* dw = p.out + s * wsize;
+      int count = 0;
+      for (int64_t r = m0; r < m1; ++r) {
+        const int32_t j = p.nbr[r * p.s + s];
+        if (j < 0 || j >= p.n) continue;  // no neighbour (sentinel, or out of range)
+        xr[count] = p.x + int64_t(j) * p.cin;
+        gr[count] = p.b + r * p.cout;
+        for (int k = 0; k < p.cin; k += 16) __builtin_prefetch(xr[count] + k);
+        if (++count == kPairs) {
+          outer_accumulate(dw, xr, gr, count, p.cin, p.cout, avx2);
+          count = 0;
+        }
+      }
+      if (count > 0) outer_accumulate(dw, xr, gr, count, p.cin, p.cout, avx2);
+    }
   }
 }
 
@@ -241,7 +278,33 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ct,
   if (p.s == 0 || p.cin == 0 || p.cout == 0) return ffi::Error::Success();
   const bool avx2 = has_avx2();
   const int threads = num_threads(p.m, p.s);
-  parallel(threads, [&](int t) { grad_slots(p, t, threads, avx2); });
+  // Pairs per slot (threads over row blocks), then slots dealt largest first to the least
+  // loaded thread (which thread sums a slot does not change its result).
+  std::vector<int64_t> pairs(p.s, 0);
+  {
+    std::vector<std::vector<int64_t>> part(threads, std::vector<int64_t>(p.s, 0));
+    const int64_t per = (p.m + threads - 1) / threads;
+    parallel(threads, [&](int t) {
+      std::vector<int64_t>& c = part[t];
+      for (int64_t r = t * per; r < std::min(p.m, (t + 1) * per); ++r) {
+        const int32_t* nb = p.nbr + r * p.s;
+        for (int s = 0; s < p.s; ++s) c[s] += (nb[s] >= 0 && nb[s] < p.n);
+      }
+    });
+    for (const auto& c : part)
+      for (int s = 0; s < p.s; ++s) pairs[s] += c[s];
+  }
+  std::vector<int> order(p.s);
+  for (int s = 0; s < p.s; ++s) order[s] = s;
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return pairs[a] > pairs[b]; });
+  std::vector<std::vector<int>> mine(threads);
+  std::vector<int64_t> load(threads, 0);
+  for (int s : order) {
+    const int t = int(std::min_element(load.begin(), load.end()) - load.begin());
+    mine[t].push_back(s);
+    load[t] += pairs[s] + 1;
+  }
+  parallel(threads, [&](int t) { grad_slots(p, mine[t], avx2); });
   return ffi::Error::Success();
 }
 
