@@ -59,11 +59,15 @@ def xla_ffi_api_minor() -> dict[str, int]:
 def _call(target, results, *args, vmap_method="sequential"):
   """``jax.ffi.ffi_call(target, results)(*args)`` with ``results`` a list of
   ``(shape, dtype)``; under ``shard_map`` operands and results vary over the same mesh
-  axes (``vma.py``). Returns one array, or a tuple for several results."""
+  axes, and vmapped over a batch sharded over Explicit mesh axes the call runs per shard
+  (``vma.py``). Returns one array, or a tuple for several results."""
   args = vma.match(*args)
   types = [vma.result(args[0], shape, dtype) for shape, dtype in results]
   call = jax.ffi.ffi_call(target, types if len(types) > 1 else types[0],
                           vmap_method=vmap_method)
+  if vmap_method == "broadcast_all":  # the search kernels: integer operands
+    # vmapped over a batch axis sharded over Explicit mesh axes: per shard (vma.py).
+    call = vma.vmap_per_shard(call)
   out = call(*args)
   return tuple(out) if len(types) > 1 else out
 

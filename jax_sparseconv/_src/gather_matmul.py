@@ -90,7 +90,9 @@ def _x_cotangent(x_aval, rows, kernel, nbr, inv, unique, jnp_op):
     return vma.match(gather_matmul(rows, kernel_t, inv, nbr, unique, x_aval.dtype), rows)[0]
 
   def by_scatter(rows):
-    x_bar = jax.vjp(jnp_op, jnp.zeros(x_aval.shape, x_aval.dtype))[1](rows)[0]
+    # The primal point varies like `rows`: the vjp of an invariant one would psum it.
+    x0 = vma.match(jnp.zeros(x_aval.shape, x_aval.dtype), rows)[0]
+    x_bar = jax.vjp(jnp_op, x0)[1](rows)[0]
     return vma.match(x_bar.astype(x_aval.dtype), rows)[0]
 
   return jax.lax.cond(unique, by_gather, by_scatter, rows)
@@ -133,7 +135,7 @@ def gather_matmul(x, w, nbr, inv, unique, out_dtype):
   Returns:
     ``(M, Cout)`` in ``out_dtype``.
   """
-  return gather_matmul_p.bind(*vma.match(x, w, nbr, inv, unique),
+  return gather_matmul_p.bind(*vma.match(*vma.replicated(x, w, nbr, inv, unique)),
                               out_dtype=jnp.dtype(out_dtype))
 
 
@@ -192,7 +194,12 @@ def _gm_transpose(ct, x, w, nbr, inv, unique, *, out_dtype):
 
 
 def _gm_batch(args, dims, *, out_dtype):
-  """vmap: fold the batch into one big call (offset indices, per-batch sentinels)."""
+  """vmap: fold the batch into one big call (offset indices, per-batch sentinels); per
+  shard when the batch axis is sharded over Explicit mesh axes (``vma.py``)."""
+  axes = vma.batch_axes(args, dims)
+  if axes:
+    return vma.per_shard(jax.vmap(functools.partial(gather_matmul, out_dtype=out_dtype),
+                                  in_axes=tuple(dims)), axes, args, dims), 0
   x, w, nbr, inv, unique = args
   if dims[1] is not None:  # batched kernels (rare): plain vmap of the jnp version
     return jax.vmap(lambda x, w, nbr, inv, unique: gather_matmul_jnp(x, w, nbr, out_dtype),
@@ -224,7 +231,8 @@ kernel_grad_p = Primitive("sparse_kernel_grad")
 
 def kernel_grad(x, ct, nbr, inv, unique, w_dtype):
   """``dw[s] = sum_m x[nbr[m, s]]^T ct[m]``: ``(S, Cin, Cout)`` in ``w_dtype``."""
-  return kernel_grad_p.bind(*vma.match(x, ct, nbr, inv, unique), w_dtype=jnp.dtype(w_dtype))
+  return kernel_grad_p.bind(*vma.match(*vma.replicated(x, ct, nbr, inv, unique)),
+                            w_dtype=jnp.dtype(w_dtype))
 
 
 def kernel_grad_jnp(x, ct, nbr, w_dtype):
@@ -288,7 +296,12 @@ def _kg_transpose(g, x, ct, nbr, inv, unique, *, w_dtype):
 
 
 def _kg_batch(args, dims, *, w_dtype):
-  """vmap (per-example kernel gradients): one primitive call per example, in turn."""
+  """vmap (per-example kernel gradients): one primitive call per example, in turn; per
+  shard when the batch axis is sharded over Explicit mesh axes (``vma.py``)."""
+  axes = vma.batch_axes(args, dims)
+  if axes:
+    return vma.per_shard(jax.vmap(functools.partial(kernel_grad, w_dtype=w_dtype),
+                                  in_axes=tuple(dims)), axes, args, dims), 0
   size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
   args = [batching.bdim_at_front(a, d, size) if d is not None else
           jnp.broadcast_to(a, (size, *a.shape)) for a, d in zip(args, dims)]

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import backend, checks, errors, ffi, lattice, lookup
+from . import backend, checks, errors, ffi, lattice, lookup, vma
 from .errors import ErrorCode
 
 
@@ -210,14 +210,27 @@ def build_kernel_map(in_pos, out_pos, voxel_size, kernel_size, *, offset=None,
     out_batch = checks.check_batch("out_batch", out_batch, m)
   dtype = jnp.result_type(in_pos.dtype, out_pos.dtype)
   _, cells = slot_geometry(ks, off)
-  neighbors, inverse, unique, flags = _build(
-      in_pos.astype(dtype), out_pos.astype(dtype), voxel_size, in_mask, out_mask, in_batch,
-      out_batch, ks=ks, off=off, transpose=bool(transpose), in_all_valid=in_valid is None)
+  # Sharding in types (vma.py): operands sharded over Explicit mesh axes are replicated
+  # for the search; vmapped over a sharded batch axis, the search runs per shard.
+  operands = vma.replicated(jax.lax.stop_gradient(in_pos.astype(dtype)),
+                            jax.lax.stop_gradient(out_pos.astype(dtype)),
+                            jax.lax.stop_gradient(jnp.asarray(voxel_size)), in_mask, out_mask,
+                            in_batch, out_batch)
+  neighbors, inverse, unique, flags = _search(ks, off, bool(transpose), in_valid is None)(
+      *operands)
   errors.report(flags, "build_kernel_map")
   return KernelMap(neighbors=neighbors, inverse=inverse, out_unique=unique, in_mask=in_mask,
                    out_mask=out_mask, voxel_size=jnp.asarray(voxel_size, jnp.float32),
                    flags=flags, kernel_size=ks, offset=off, slot_cells=cells, num_in=n,
                    transpose=bool(transpose))
+
+
+@functools.lru_cache(maxsize=None)
+def _search(ks, off, transpose, in_all_valid):
+  """:func:`_build` for these static arguments, run per shard when vmapped over a batch
+  axis sharded over Explicit mesh axes (``vma.vmap_per_shard``)."""
+  return vma.vmap_per_shard(functools.partial(_build, ks=ks, off=off, transpose=transpose,
+                                              in_all_valid=in_all_valid))
 
 
 @functools.partial(jax.jit, static_argnames=("ks", "off", "transpose", "in_all_valid"))

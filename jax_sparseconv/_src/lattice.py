@@ -116,7 +116,7 @@ def same_as_previous(sorted_words):
   if n == 0:
     return jnp.zeros((0,), bool)
   same = functools.reduce(jnp.logical_and, [w[1:] == w[:-1] for w in sorted_words])
-  return jnp.concatenate([jnp.zeros((1,), bool), same])
+  return jnp.pad(same, (1, 0), constant_values=False)
 
 
 def has_duplicates(sorted_words):

@@ -69,8 +69,10 @@ def _neighbors_jnp(c_in, in_mask, in_batch, c_out, out_mask, out_batch, span, *,
   *sorted_keys, perm = lattice.sort_keys(
       lattice.keys(c_in, in_batch if packed else None, in_mask))
   duplicate = lattice.has_duplicates(sorted_keys)
-  sorted_keys = [jnp.concatenate([k, jnp.array([lattice.SENTINEL_KEY])]) for k in sorted_keys]
-  perm = jnp.concatenate([perm, jnp.array([n], jnp.int32)])
+  # One sentinel row at the end (pad, not a concatenated constant: a constant has no
+  # batch sharding under vmap over an Explicit mesh axis).
+  sorted_keys = [jnp.pad(k, (0, 1), constant_values=lattice.SENTINEL_KEY) for k in sorted_keys]
+  perm = jnp.pad(perm, (0, 1), constant_values=n)
 
   cq = c_out[:, None, :] + jnp.asarray(deltas)[None, :, :]
   q_ok = out_mask[:, None] & jnp.all((cq >= 0) & (cq < MAX_COORD), axis=-1)
