@@ -18,6 +18,8 @@ from jax_sparseconv._src.export import export_mode as export_mode
 from jax_sparseconv._src.gather_matmul import CHUNK_BYTES as CHUNK_BYTES
 from jax_sparseconv._src.kernel_map import KernelMap as KernelMap
 from jax_sparseconv._src.kernel_map import build_kernel_map as build_kernel_map
+from jax_sparseconv._src.memory import ResourceLimitError as ResourceLimitError
+from jax_sparseconv._src.memory import compile_checked as compile_checked
 from jax_sparseconv._src.morton import morton_decode as morton_decode
 from jax_sparseconv._src.morton import morton_encode as morton_encode
 from jax_sparseconv._src.tensor import SparseTensor as SparseTensor

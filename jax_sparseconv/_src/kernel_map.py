@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import backend, checks, errors, ffi, lattice, lookup, vma
+from . import backend, checks, errors, ffi, lattice, lookup, memory, vma
 from .errors import ErrorCode
 
 
@@ -210,6 +210,7 @@ def build_kernel_map(in_pos, out_pos, voxel_size, kernel_size, *, offset=None,
     out_batch = checks.check_batch("out_batch", out_batch, m)
   dtype = jnp.result_type(in_pos.dtype, out_pos.dtype)
   _, cells = slot_geometry(ks, off)
+  memory.check_kernel_map(n, m, len(cells))  # before anything is allocated
   # Sharding in types (vma.py): operands sharded over Explicit mesh axes are replicated
   # for the search; vmapped over a sharded batch axis, the search runs per shard.
   operands = vma.replicated(jax.lax.stop_gradient(in_pos.astype(dtype)),
