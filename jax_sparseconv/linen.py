@@ -50,11 +50,23 @@ class _SparseConvLayer(nn.Module):
 
   def _run(self, fn, feats, inp_positions, out_positions, voxel_size, importance, kernel_map,
            importance_name):
-    cin = jnp.shape(feats)[-1]
+    name = type(self).__name__
+    feats = checks.check_float_array("feats", feats, 2)
+    cin = feats.shape[-1]
     if self.in_channels is not None and self.in_channels != cin:
-      raise ValueError(f"{type(self).__name__}: in_channels={self.in_channels} but feats has "
+      raise ValueError(f"{name}: in_channels={self.in_channels} but feats has "
                        f"shape {jnp.shape(feats)}")
     ks = checks.normalize_kernel_size(self.kernel_size)
+    if not self.is_initializing():  # given parameters: checked before Flax reads them
+      shapes = {"kernel": None, "bias": (self.filters,)} if self.use_bias else {"kernel": None}
+      given = self.variables.get("params", {})
+      kernel = given.get("kernel")
+      if kernel is not None and jnp.ndim(kernel) == 5 and jnp.shape(kernel)[3] != cin:
+        raise ValueError(f"{name}: feats has {cin} channels but the kernel "
+                         f"{jnp.shape(kernel)} (Kz, Ky, Kx, Cin, Cout) expects "
+                         f"Cin={jnp.shape(kernel)[3]}")
+      shapes["kernel"] = (*ks, cin, self.filters)
+      checks.check_layer_params(name, given, shapes)
     kernel = self.param("kernel", self.kernel_init, (*ks, cin, self.filters), self.param_dtype)
     bias = (self.param("bias", self.bias_init, (self.filters,), self.param_dtype)
             if self.use_bias else None)

@@ -63,11 +63,18 @@ class _SparseConvLayer(nnx.Module):
 
   def _run(self, fn, feats, inp_positions, out_positions, voxel_size, importance, kernel_map,
            importance_name):
+    name = type(self).__name__
     if jnp.ndim(feats) < 1 or jnp.shape(feats)[-1] != self.in_channels:
-      raise ValueError(f"{type(self).__name__}: in_channels={self.in_channels} but feats has "
+      raise ValueError(f"{name}: in_channels={self.in_channels} but feats has "
                        f"shape {jnp.shape(feats)}")
     kernel = self.kernel[...]
     bias = self.bias[...] if self.bias is not None else None
+    # Parameters replaced after construction (loaded weights): checked, not silently cast.
+    given, shapes = {"kernel": kernel}, {"kernel": (*self.kernel_size, self.in_channels,
+                                                    self.filters)}
+    if self.use_bias:
+      given["bias"], shapes["bias"] = bias, (self.filters,)
+    checks.check_layer_params(name, given, shapes)
     feats, kernel, bias, importance = promote_dtype(
         (feats, kernel, bias, importance), dtype=self.dtype)
     params = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}

@@ -106,7 +106,7 @@ def _check_voxel_size_matches(km, voxel_size):
 def _conv(kernel, bias, feats, importance, km, *, normalize, activation, transpose):
   """Both ops after argument checks, as one compiled program."""
   dtype = jnp.result_type(feats.dtype, kernel.dtype)
-  w = kernel.reshape(-1, *kernel.shape[3:])
+  w = kernel.reshape(int(np.prod(kernel.shape[:3])), *kernel.shape[3:])  # -1 fails for C = 0
   if km.slot_cells != tuple(range(w.shape[0])):  # unusual offsets: slots share or skip cells
     w = w[np.asarray(km.slot_cells, np.int32)]
   x = feats
@@ -114,7 +114,10 @@ def _conv(kernel, bias, feats, importance, km, *, normalize, activation, transpo
     x = feats * importance[:, None].astype(feats.dtype)
   if transpose and normalize:
     x = feats / jnp.maximum(km.input_counts(), 1)[:, None].astype(feats.dtype)
-  y = gather_matmul(x, w, km.neighbors, km.inverse, km.out_unique, dtype)
+  if w.shape[1] and w.shape[2]:
+    y = gather_matmul(x, w, km.neighbors, km.inverse, km.out_unique, dtype)
+  else:  # no input or no output channels: nothing to gather (the kernels need C >= 1)
+    y = jnp.zeros((km.num_out, w.shape[2]), dtype)
   if not transpose and normalize:
     y = y / jnp.maximum(km.neighbor_counts(), 1)[:, None].astype(y.dtype)
   if transpose and importance is not None:

@@ -6,8 +6,9 @@ the lattice, a duplicated voxel, a traced voxel size that is negative) cannot ra
 from inside a traced program. Every function that checks values therefore follows one
 rule (jax-md's ``PartitionErrorCode`` is the model):
 
-1. It computes an int32 scalar of :class:`ErrorCode` bits and returns it as data (the
-   ``flags`` of a :class:`KernelMap`, the ``flags`` of a voxel-utility result).
+1. It computes an int32 scalar of :class:`ErrorCode` bits and carries it as data (the
+   ``flags`` of a :class:`KernelMap`; the voxel utilities and pooling carry theirs as the
+   NaN poison of their results).
 2. It calls :func:`report` on those flags:
 
    * outside ``jit`` (concrete flags) a set bit raises :class:`InvalidInputError`
@@ -74,7 +75,7 @@ _MESSAGES = {
         "duplicated input voxels: Open3D counts each copy, a kernel map holds one point per "
         "voxel; merge them first with jax_sparseconv.unique_voxels"),
     ErrorCode.BAD_VOXEL_SIZE: "voxel_size is not positive and finite",
-    ErrorCode.BAD_BATCH: "a batch index is negative",
+    ErrorCode.BAD_BATCH: "a batch index is negative (global pooling: or not below num_clouds)",
     ErrorCode.CAPACITY_OVERFLOW: "the result has more rows than the capacity given",
     ErrorCode.MAP_MISMATCH: "the voxel_size differs from the one the kernel_map was built with",
 }
@@ -111,8 +112,8 @@ def set_error_mode(mode: str) -> str:
   * ``"raise"`` (default; also read from ``$JAX_SPARSECONV_ERRORS``): a host callback
     raises :class:`InvalidInputError` when the program runs (surfacing as a
     ``JaxRuntimeError`` that contains its message).
-  * ``"flag"``: no callback; the error bits travel as data (``KernelMap.flags``, the
-    voxel utilities' ``flags``) and the results are NaN. Use it for programs that must
+  * ``"flag"``: no callback; the error bits travel as data (``KernelMap.flags``) and the
+    results are NaN (the voxel utilities' positions and features too). Use it for programs that must
     not call back to Python: ``jax.export``, some production serving setups.
 
   Outside ``jit`` errors always raise at once. Compiled programs keep the mode they were

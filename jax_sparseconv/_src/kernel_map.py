@@ -148,6 +148,8 @@ class KernelMap:
     flags = self.flags | dup
     if checks.is_concrete(flags):
       errors.report(flags, "KernelMap.transposed")
+    else:  # traced: the build already reported its own flags
+      errors.report(dup, "KernelMap.transposed")
     return KernelMap(
         neighbors=self.inverse, inverse=self.neighbors, out_unique=jnp.asarray(True),
         in_mask=self.out_mask, out_mask=self.in_mask, voxel_size=self.voxel_size, flags=flags,

@@ -23,7 +23,8 @@ import numpy as np
 
 import jax_sparseconv as sc
 
-from . import checks
+from . import checks, errors
+from .errors import ErrorCode
 
 __all__ = ["sparse_max_pool", "sparse_avg_pool", "global_max_pool", "global_avg_pool"]
 
@@ -37,13 +38,15 @@ def _int_arg(name, value):
 def _pool(mode, feats, positions, voxel_size, kernel_size, stride, valid, batch, out_capacity):
   kernel_size = _int_arg("kernel_size", kernel_size)
   stride = kernel_size if stride is None else _int_arg("stride", stride)
-  feats, positions = jnp.asarray(feats), jnp.asarray(positions)
-  if positions.ndim != 2 or positions.shape[1] != 3:
-    raise ValueError(f"positions must have shape (n, 3), got {positions.shape}")
+  positions = checks.check_positions("positions", positions)
+  feats = checks.check_float_array("feats", feats)
   n = positions.shape[0]
   if feats.ndim != 2 or feats.shape[0] != n:
     raise ValueError(f"feats must have shape ({n}, C), got {feats.shape}")
+  checks.check_voxel_size(voxel_size)
   mask = checks.valid_mask(valid, (n,))
+  if batch is not None:
+    batch = checks.check_batch("batch", batch, n)
   vs = jnp.asarray(voxel_size, positions.dtype)
   # Candidate outputs of each input, per axis: o in [ceil((i - K + 1) / s), floor(i / s)].
   per_axis = -(-kernel_size // stride)
@@ -55,7 +58,7 @@ def _pool(mode, feats, positions, voxel_size, kernel_size, stride, valid, batch,
   m = n * len(offsets)
   cand_pos = ((cand * stride + 0.5) * vs).reshape(m, 3)
   cand_ok = inside.reshape(m)
-  cand_b = None if batch is None else jnp.repeat(jnp.asarray(batch, jnp.int32), len(offsets))
+  cand_b = None if batch is None else jnp.repeat(batch, len(offsets))
   capacity = (n if per_axis == 1 else m) if out_capacity is None else int(out_capacity)
   uv = sc.unique_voxels(cand_pos, jnp.zeros((m, 0), positions.dtype), voxel_size,
                         valid=cand_ok, batch=cand_b, capacity=capacity)
@@ -76,8 +79,8 @@ def _pool(mode, feats, positions, voxel_size, kernel_size, stride, valid, batch,
     out = jnp.sum(jnp.take(rows, nbr, axis=0), axis=1) / jnp.maximum(cnt, 1)
   any_found = jnp.any(found, axis=1, keepdims=True)
   out = jnp.where(out_valid[:, None] & any_found, out, jnp.zeros((), feats.dtype))
-  # Under jit an error (e.g. too small a capacity) cannot raise: poison the features.
-  out = jnp.where(km.flags != 0, jnp.array(jnp.nan, out.dtype), out)
+  # Under jit an error (e.g. too small a capacity) cannot raise: poison the results.
+  out, out_pos = errors.poison(out, km.flags), errors.poison(out_pos, km.flags)
   if batch is None:
     return out, out_pos, count
   return out, out_pos, out_b, count
@@ -139,28 +142,35 @@ def sparse_avg_pool(feats, positions, voxel_size, kernel_size: int = 2, stride: 
 
 
 def _global(mode, feats, valid, batch, num_clouds):
-  feats = jnp.asarray(feats)
+  feats = checks.check_float_array("feats", feats)
   if feats.ndim not in (2, 3):
     raise ValueError(f"feats must have shape (n, C) or (B, n, C), got {feats.shape}")
   mask = checks.valid_mask(valid, feats.shape[:-1])
   if batch is not None:
     if feats.ndim != 2:
-      raise ValueError("batch goes with packed (n, C) features")
-    if num_clouds is None or isinstance(num_clouds, bool) or int(num_clouds) < 1:
-      raise ValueError("num_clouds (static, >= 1) is required with batch")
-    batch = jnp.asarray(batch)
+      raise ValueError(f"batch goes with packed (n, C) features, got feats {feats.shape}")
+    if (num_clouds is None or isinstance(num_clouds, bool)
+        or not isinstance(num_clouds, (int, np.integer)) or num_clouds < 1):
+      raise ValueError(f"num_clouds (static, >= 1) is required with batch, got {num_clouds!r}")
+    batch = checks.check_batch("batch", batch, feats.shape[0])
+    # A valid row of no cloud would silently drop out of every result: the error rule.
+    flags = errors.bit(mask & ((batch < 0) | (batch >= num_clouds)), ErrorCode.BAD_BATCH)
+    errors.report(flags, f"global_{mode}_pool")
     seg = jnp.where(mask, batch, num_clouds)
     if mode == "max":
       out = jax.ops.segment_max(feats, seg, num_segments=num_clouds)
       count = jax.ops.segment_sum(jnp.ones_like(seg), seg, num_segments=num_clouds)
-      return jnp.where(count[:, None] > 0, out, jnp.zeros((), feats.dtype))
-    sums = jax.ops.segment_sum(jnp.where(mask[:, None], feats, 0), seg, num_segments=num_clouds)
-    count = jax.ops.segment_sum(mask.astype(feats.dtype), seg, num_segments=num_clouds)
-    return sums / jnp.maximum(count, 1)[:, None]
+      out = jnp.where(count[:, None] > 0, out, jnp.zeros((), feats.dtype))
+    else:
+      sums = jax.ops.segment_sum(jnp.where(mask[:, None], feats, 0), seg,
+                                 num_segments=num_clouds)
+      count = jax.ops.segment_sum(mask.astype(feats.dtype), seg, num_segments=num_clouds)
+      out = sums / jnp.maximum(count, 1)[:, None]
+    return errors.poison(out, flags)
   m = mask[..., None]
   count = jnp.sum(mask, axis=-1)[..., None]
   if mode == "max":
-    out = jnp.max(jnp.where(m, feats, -jnp.inf), axis=-2)
+    out = jnp.max(jnp.where(m, feats, -jnp.inf), axis=-2, initial=-jnp.inf)
     return jnp.where(count > 0, out, jnp.zeros((), feats.dtype))
   return jnp.sum(jnp.where(m, feats, 0), axis=-2) / jnp.maximum(count, 1).astype(feats.dtype)
 

@@ -79,8 +79,13 @@ class SparseTensor:
   def from_voxels(cls, positions, feats, voxel_size, *, valid=None, batch=None):
     """Wraps voxels that are already unique (e.g. the output of :func:`unique_voxels`)."""
     positions = checks.check_positions("positions", positions)
+    feats = checks.check_float_array("feats", feats, 2)
+    if feats.shape[0] != positions.shape[0]:
+      raise ValueError(f"feats has {feats.shape[0]} rows but positions has {positions.shape[0]} "
+                       f"(shapes {feats.shape} and {positions.shape})")
+    checks.check_voxel_size(voxel_size)
     mask = checks.as_mask("valid", valid, positions.shape[0])
-    return cls(feats=jnp.asarray(feats), positions=positions, valid=mask,
+    return cls(feats=feats, positions=positions, valid=mask,
                batch=None if batch is None else checks.check_batch("batch", batch,
                                                                    positions.shape[0]),
                voxel_size=jnp.asarray(voxel_size, jnp.float32), maps={})

@@ -185,8 +185,7 @@ def downsample(positions, voxel_size, factor: int = 2, *, valid=None, batch=None
   """
   positions = checks.check_positions("positions", positions)
   checks.check_voxel_size(voxel_size)
-  if not isinstance(factor, int) or factor < 1:
-    raise ValueError(f"factor must be a positive int, got {factor!r}")
+  factor = checks.check_factor(factor)
   n = positions.shape[0]
   mask = checks.as_mask("valid", valid, n)
   vs = jnp.asarray(voxel_size, positions.dtype)
