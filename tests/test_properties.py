@@ -241,17 +241,23 @@ def test_range_limit_is_exact_with_the_kernels_reach(ks):
                         1.0, ks)
 
 
-@pytest.mark.xfail(strict=True, raises=sc.InvalidInputError,
-                   reason="float32 rounding near the 2**20 limit exceeds the 0.1-voxel lattice "
-                   "tolerance for some voxel sizes (reported in issue 12)")
-def test_wide_extent_with_an_awkward_voxel_size_is_on_the_lattice():
-  """The README allows 2**20 voxels per axis with x64 disabled. Two voxel centres 1048376
-  voxels apart at vs = 0.3: (p - ref) / vs rounds, in float32, to 0.125 voxel off the
-  lattice, and the pair is flagged OFF_LATTICE although it lies on it. (Strict: when the
-  quantisation is fixed this test fails, and the README's limit note can go.)"""
-  q = np.array([[0, 0, 0], [1048376, 0, 0]])
-  pos = to_positions(q, 0.3, 0.0, True)
-  sc.build_kernel_map(pos, pos, 0.3, 3)
+@pytest.mark.parametrize("vs", [0.3, 0.07, 0.05, 1 / 3])
+def test_wide_extent_with_an_awkward_voxel_size_is_on_the_lattice(vs):
+  """The README allows 2**20 voxels per axis with x64 disabled. Voxel centres ~2**20 voxels
+  apart at voxel sizes that float32 cannot hold exactly: (p - ref) / vs is up to ~0.13 voxel
+  off in float32 (the lattice check allows for that rounding), and the map is exact."""
+  q = np.array([[0, 0, 0], [1, 0, 0], [1048376, 5, 0], [1048377, 5, 0]])
+  pos = to_positions(q, vs, 0.0, True)
+  km = sc.build_kernel_map(pos, pos, vs, 3)
+  assert_map_matches(km, brute_map(q, q, (3, 3, 3), (0.0, 0.0, 0.0), False))
+
+
+def test_off_lattice_is_still_caught_near_the_origin():
+  """The rounding allowance is in proportion to the coordinates: 0.2 voxel off near the
+  origin is OFF_LATTICE."""
+  pos = np.array([[0.5, 0.5, 0.5], [1.7, 0.5, 0.5]], np.float32) * 0.3
+  with pytest.raises(sc.InvalidInputError, match="lattice"):
+    sc.build_kernel_map(pos, pos, 0.3, 3)
 
 
 @pytest.mark.parametrize("backend", SEARCH, indirect=True)

@@ -97,7 +97,7 @@ def num_partitions(m: int, s: int, cin: int, cout: int) -> int:
   a bounded workspace; a function of the shapes only, so the reduction order is fixed.
   (``s * parts`` stays near 528, far below the grid limit that the CUDA handler checks.)"""
   tiles = max(1, -(-cin // 64) * -(-cout // 64))
-  want = max(1, min(-(-m // 2048), -(-528 // (s * tiles))))
+  want = max(1, min(-(-m // 2048), -(-528 // max(1, s * tiles))))
   cap = max(1, PARTIAL_ELEMS // max(1, s * cin * cout))
   return int(min(want, cap))
 

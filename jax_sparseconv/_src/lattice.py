@@ -56,7 +56,12 @@ def quantize(pos, voxel_size, mask, ref):
   finite = jnp.all(jnp.isfinite(g), axis=-1)
   g = jnp.where(finite[:, None], g, 0)
   qf = jnp.round(g)
-  off = jnp.any(jnp.abs(g - qf) > LATTICE_TOLERANCE, axis=-1)
+  # Off the lattice: more than LATTICE_TOLERANCE voxel, plus what rounding of the stored
+  # positions and of (pos - ref) / voxel_size can add (3 unit roundoffs of the operands'
+  # magnitudes, in voxels: 0.375 voxel for float32 at 2**20 voxels from the origin).
+  u = jnp.finfo(g.dtype).eps / 2
+  slack = 3 * u * jnp.where(finite[:, None], jnp.abs(pos) + jnp.abs(ref), 0) / voxel_size
+  off = jnp.any(jnp.abs(g - qf) > jnp.minimum(LATTICE_TOLERANCE + slack, 0.45), axis=-1)
   far = jnp.any(jnp.abs(qf) >= MAX_COORD, axis=-1)
   q = jnp.clip(qf, -MAX_COORD, MAX_COORD).astype(jnp.int32)
   nonfinite = ~jnp.all(jnp.isfinite(pos), axis=-1)
