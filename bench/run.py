@@ -21,7 +21,7 @@ arguments (never jit constants) and gradients timed with ``value_and_grad``:
 kernel-map build (with the inverse map); forward with a reused map; forward + backward
 (feats and kernel) with a reused map; whole layer (search + conv) forward and
 forward + backward; peak memory of the compiled fwd+bwd layer (XLA's buffer
-assignment); useful GFLOP/s (2 * pairs * Cin * Cout / time, pairs = neighbours that
+assignment: arguments + outputs + temporaries, as ``sc.compile_checked``); useful GFLOP/s (2 * pairs * Cin * Cout / time, pairs = neighbours that
 exist) and its ratio to this machine's dense float32 matmul rate measured in the same run.
 
 Baselines, measured in the same run and printed as ratios: a dense
@@ -62,6 +62,7 @@ import numpy as np
 
 import jax_sparseconv as sc
 from jax_sparseconv import scenes
+from jax_sparseconv._src.memory import predicted_peak_bytes
 
 HERE = pathlib.Path(__file__).parent
 VS = 0.05
@@ -112,13 +113,9 @@ def workloads(fine, coarse):
 
 
 def peak_bytes(fn, *args):
-  try:
-    stats = jax.jit(fn).lower(*args).compile().memory_analysis()
-    peak = getattr(stats, "peak_memory_in_bytes", 0)
-    return peak or (stats.temp_size_in_bytes + stats.argument_size_in_bytes +
-                    stats.output_size_in_bytes)
-  except Exception:  # memory analysis is best-effort
-    return float("nan")
+  """XLA's predicted peak of the compiled ``fn`` (what ``sc.compile_checked`` checks)."""
+  peak = predicted_peak_bytes(jax.jit(fn).lower(*args).compile())
+  return float("nan") if peak is None else peak
 
 
 def bench_jax(w, c, repeats):

@@ -42,7 +42,7 @@ def test_kernel_map_too_large_is_refused_at_trace_time(monkeypatch):
   assert km.neighbors.shape == (50, 27)
   need = memory.kernel_map_bytes(50, 50, 27)
   monkeypatch.setenv("JAX_SPARSECONV_MEMORY_LIMIT", str(need - 1))
-  with pytest.raises(sc.ResourceLimitError, match=r"build_kernel_map: a map of 1 x 50 outputs x 27"):
+  with pytest.raises(sc.ResourceLimitError, match=r"build_kernel_map: a map of 50 outputs x 27 slots over 50 inputs"):
     sc.build_kernel_map(pos, pos, 0.1, 3)
   # Under jit the error comes from tracing (lower), before anything runs or is allocated.
   with pytest.raises(sc.ResourceLimitError):

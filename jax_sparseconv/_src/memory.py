@@ -18,6 +18,7 @@ more than is free may), ``memory_stats()["bytes_limit"]`` on a GPU, or
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -43,6 +44,7 @@ def _parse_bytes(text: str) -> int:
   return int(float(m.group(1)) * _UNITS[unit])
 
 
+@functools.cache  # the machine's memory does not change while it runs
 def _cpu_bytes() -> int | None:
   limits = []
   try:
@@ -98,10 +100,11 @@ def kernel_map_bytes(num_in: int, num_out: int, num_slots: int) -> int:
   return 4 * num_slots * (num_in + num_out) + _SEARCH_BYTES_PER_POINT * (num_in + num_out)
 
 
-def check_kernel_map(num_in: int, num_out: int, num_slots: int, batch: int = 1) -> None:
-  """The trace-time check of :func:`build_kernel_map` (shapes only, nothing allocated)."""
-  nbytes = batch * kernel_map_bytes(num_in, num_out, num_slots)
-  check_fits(f"build_kernel_map: a map of {batch} x {num_out} outputs x {num_slots} slots "
+def check_kernel_map(num_in: int, num_out: int, num_slots: int) -> None:
+  """The trace-time check of :func:`build_kernel_map` (shapes only, nothing allocated; under
+  ``vmap`` the shapes, and so the check, are per cloud)."""
+  nbytes = kernel_map_bytes(num_in, num_out, num_slots)
+  check_fits(f"build_kernel_map: a map of {num_out} outputs x {num_slots} slots "
              f"over {num_in} inputs", nbytes,
              hint=" Split the cloud (packed batches of fewer points), or use a smaller kernel.")
 
