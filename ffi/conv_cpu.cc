@@ -10,7 +10,8 @@
 // Unlike the jnp path, which gathers a dense (rows, slots * Cin) block (the ~45% of empty
 // slots included) and hands it to a matmul, this walks the map: for a tile of output rows
 // and one slot at a time (that slot's Cin x Cout weights stay in L1), every row with a
-// neighbour there adds x[j] @ w[s] to its output row, eight columns per AVX2 register.
+// neighbour there adds x[j] @ w[s] to its output row, six rows by sixteen columns in
+// registers at a time (the x rows read in place).
 // Each output element is summed by one thread, slots then input channels in order:
 // results do not depend on the thread count (bitwise reproducible).
 #include <algorithm>
@@ -27,25 +28,11 @@
 namespace jsc {
 namespace {
 
-constexpr int kTileRows = 32;
+constexpr int kTileRows = 64;
+constexpr int kGroupRows = 6;  // rows a forward micro-kernel call updates together
 
-#ifdef JSC_X86
-// acc[0, 8 NV) += xr[0, cin) @ ws[0, cin) x [0, 8 NV) (row stride cout).
-template <int NV>
-__attribute__((target("avx2,fma"))) void row_update_avx2(float* acc, const float* xr,
-                                                         const float* ws, int cin, int cout) {
-  __m256 a[NV];
-  for (int t = 0; t < NV; ++t) a[t] = _mm256_loadu_ps(acc + 8 * t);
-  for (int k = 0; k < cin; ++k) {
-    const __m256 b = _mm256_broadcast_ss(xr + k);
-    const float* wr = ws + int64_t(k) * cout;
-    for (int t = 0; t < NV; ++t) a[t] = _mm256_fmadd_ps(b, _mm256_loadu_ps(wr + 8 * t), a[t]);
-  }
-  for (int t = 0; t < NV; ++t) _mm256_storeu_ps(acc + 8 * t, a[t]);
-}
-#endif
-
-// Same sums, plain C++ (no AVX2, or the last cout % 8 columns).
+// Same sums, plain C++ (no AVX2, or the last cout % 8 columns): acc[0, cols) += xr[0, cin)
+// @ ws[0, cin) x [0, cols) (row stride cout).
 inline void row_update_scalar(float* acc, const float* xr, const float* ws, int cin, int cout,
                               int cols) {
   for (int k = 0; k < cin; ++k) {
@@ -55,37 +42,70 @@ inline void row_update_scalar(float* acc, const float* xr, const float* ws, int 
   }
 }
 
+// The loops over registers below carry `unroll` pragmas: without them GCC keeps some of
+// the accumulator arrays in memory, storing them at every step (1.6x slower).
+#define JSC_UNROLL _Pragma("GCC unroll 16")
+
 #ifdef JSC_X86
-__attribute__((target("avx2,fma"))) void row_update_cols_avx2(float* acc, const float* xr,
-                                                              const float* ws, int cin,
-                                                              int cout) {
-  int c = 0;
-  for (; c + 64 <= cout; c += 64) row_update_avx2<8>(acc + c, xr, ws + c, cin, cout);
-  switch ((cout - c) / 8) {
-    case 7: row_update_avx2<7>(acc + c, xr, ws + c, cin, cout); break;
-    case 6: row_update_avx2<6>(acc + c, xr, ws + c, cin, cout); break;
-    case 5: row_update_avx2<5>(acc + c, xr, ws + c, cin, cout); break;
-    case 4: row_update_avx2<4>(acc + c, xr, ws + c, cin, cout); break;
-    case 3: row_update_avx2<3>(acc + c, xr, ws + c, cin, cout); break;
-    case 2: row_update_avx2<2>(acc + c, xr, ws + c, cin, cout); break;
-    case 1: row_update_avx2<1>(acc + c, xr, ws + c, cin, cout); break;
-    default: break;
+// The forward micro-kernel: rows yr[0, R), columns [c0, c0 + 8 V) += xr[0, R) @ ws (cin x
+// cout, row stride cout), an R x (8 V) block in R * V registers; per input channel, V
+// loads of the weights and R broadcasts from the x rows (read in place).
+template <int R, int V>
+__attribute__((target("avx2,fma"))) inline void group_block_avx2(float* const* yr,
+                                                                 const float* const* xr,
+                                                                 const float* ws, int cin,
+                                                                 int cout, int c0) {
+  __m256 acc[R][V];
+  JSC_UNROLL for (int a = 0; a < R; ++a)
+    JSC_UNROLL for (int v = 0; v < V; ++v) acc[a][v] = _mm256_loadu_ps(yr[a] + c0 + 8 * v);
+  const float* wk = ws + c0;
+  for (int k = 0; k < cin; ++k, wk += cout) {
+    __m256 wv[V];
+    JSC_UNROLL for (int v = 0; v < V; ++v) wv[v] = _mm256_loadu_ps(wk + 8 * v);
+    JSC_UNROLL for (int a = 0; a < R; ++a) {
+      const __m256 b = _mm256_broadcast_ss(xr[a] + k);
+      JSC_UNROLL for (int v = 0; v < V; ++v)
+        acc[a][v] = _mm256_fmadd_ps(b, wv[v], acc[a][v]);
+    }
   }
-  c += (cout - c) / 8 * 8;
-  if (c < cout) row_update_scalar(acc + c, xr, ws + c, cin, cout, cout - c);
+  JSC_UNROLL for (int a = 0; a < R; ++a)
+    JSC_UNROLL for (int v = 0; v < V; ++v) _mm256_storeu_ps(yr[a] + c0 + 8 * v, acc[a][v]);
+}
+
+// R rows, every column: 16-column blocks, then 8, then the scalar tail.
+template <int R>
+__attribute__((target("avx2,fma"))) void group_rows_avx2(float* const* yr,
+                                                         const float* const* xr,
+                                                         const float* ws, int cin, int cout) {
+  int c = 0;
+  for (; c + 16 <= cout; c += 16) group_block_avx2<R, 2>(yr, xr, ws, cin, cout, c);
+  for (; c + 8 <= cout; c += 8) group_block_avx2<R, 1>(yr, xr, ws, cin, cout, c);
+  if (c < cout)
+    for (int a = 0; a < R; ++a) row_update_scalar(yr[a] + c, xr[a], ws + c, cin, cout, cout - c);
 }
 #endif
 
-// acc[0, cout) += xr[0, k) @ ws (k x cout, row stride cout): AVX2 when the CPU has it.
-void row_update(float* acc, const float* xr, const float* ws, int k, int cout, bool avx2) {
+// yr[a][0, cout) += xr[a][0, cin) @ ws for a < count: kGroupRows rows at a time.
+void group_update(float* const* yr, const float* const* xr, int count, const float* ws, int cin,
+                  int cout, bool avx2) {
 #ifdef JSC_X86
   if (avx2) {
-    row_update_cols_avx2(acc, xr, ws, k, cout);
+    int a = 0;
+    for (; a + kGroupRows <= count; a += kGroupRows)
+      group_rows_avx2<kGroupRows>(yr + a, xr + a, ws, cin, cout);
+    switch (count - a) {
+      case 5: group_rows_avx2<5>(yr + a, xr + a, ws, cin, cout); break;
+      case 4: group_rows_avx2<4>(yr + a, xr + a, ws, cin, cout); break;
+      case 3: group_rows_avx2<3>(yr + a, xr + a, ws, cin, cout); break;
+      case 2: group_rows_avx2<2>(yr + a, xr + a, ws, cin, cout); break;
+      case 1: group_rows_avx2<1>(yr + a, xr + a, ws, cin, cout); break;
+      default: break;
+    }
     return;
   }
 #endif
   (void)avx2;
-  row_update_scalar(acc, xr, ws, k, cout, cout);
+  for (int a = 0; a < count; ++a) row_update_scalar(yr[a], xr[a], ws, cin, cout, cout);
 }
 
 // One op over a kernel map: x (n, cin), nbr (m, s); `b` is w (s, cin, cout) for the
@@ -99,6 +119,9 @@ struct Problem {
   int s, cin, cout;
 };
 
+// Output rows [begin, end) of the gather-matmul, in tiles of kTileRows: for each slot, the
+// tile's rows with a neighbour there (their x rows fetched ahead of use) are updated by the
+// micro-kernel, kGroupRows at a time.
 void rows(const Problem& p, int64_t begin, int64_t end, bool avx2) {
   const int64_t wstride = int64_t(p.cin) * p.cout;
   float* yr[kTileRows];
@@ -107,7 +130,6 @@ void rows(const Problem& p, int64_t begin, int64_t end, bool avx2) {
     const int64_t m1 = std::min(end, m0 + kTileRows);
     std::memset(p.out + m0 * p.cout, 0, sizeof(float) * (m1 - m0) * p.cout);
     for (int s = 0; s < p.s; ++s) {
-      // The tile's rows with a neighbour at slot s, their x rows fetched ahead of use.
       int count = 0;
       for (int64_t r = m0; r < m1; ++r) {
         const int32_t j = p.nbr[r * p.s + s];
@@ -116,8 +138,7 @@ void rows(const Problem& p, int64_t begin, int64_t end, bool avx2) {
         xr[count++] = p.x + int64_t(j) * p.cin;
         for (int k = 0; k < p.cin; k += 16) __builtin_prefetch(xr[count - 1] + k);
       }
-      const float* ws = p.b + s * wstride;
-      for (int a = 0; a < count; ++a) row_update(yr[a], xr[a], ws, p.cin, p.cout, avx2);
+      group_update(yr, xr, count, p.b + s * wstride, p.cin, p.cout, avx2);
     }
   }
 }
@@ -143,8 +164,9 @@ ffi::Error GatherMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                   sh.n, sh.m, int(sh.s), int(sh.cin), int(sh.cout)};
   if (p.m == 0 || p.cout == 0) return ffi::Error::Success();
   const bool avx2 = has_avx2();
-  parallel_rows(num_threads(p.m, p.m), p.m,
-                [&](int64_t begin, int64_t end) { rows(p, begin, end, avx2); });
+  // Blocks of 16 tiles, taken by the threads as they come free.
+  parallel_blocks(num_threads(p.m, p.m), p.m, 16 * kTileRows,
+                  [&](int64_t begin, int64_t end) { rows(p, begin, end, avx2); });
   return ffi::Error::Success();
 }
 
@@ -182,20 +204,23 @@ __attribute__((target("avx2,fma"))) inline void outer_block_avx2(float* dw,
                                                                  int pairs, int i0, int c0,
                                                                  int cout) {
   __m256 acc[R][V];
-  for (int a = 0; a < R; ++a)
-    for (int v = 0; v < V; ++v) acc[a][v] = _mm256_loadu_ps(dw + int64_t(a) * cout + 8 * v);
+  JSC_UNROLL for (int a = 0; a < R; ++a)
+    JSC_UNROLL for (int v = 0; v < V; ++v)
+      acc[a][v] = _mm256_loadu_ps(dw + int64_t(a) * cout + 8 * v);
   for (int k = 0; k < pairs; ++k) {
     const float* g = gr[k] + c0;
     const float* xk = xr[k] + i0;
     __m256 gv[V];
-    for (int v = 0; v < V; ++v) gv[v] = _mm256_loadu_ps(g + 8 * v);
-    for (int a = 0; a < R; ++a) {
+    JSC_UNROLL for (int v = 0; v < V; ++v) gv[v] = _mm256_loadu_ps(g + 8 * v);
+    JSC_UNROLL for (int a = 0; a < R; ++a) {
       const __m256 b = _mm256_broadcast_ss(xk + a);
-      for (int v = 0; v < V; ++v) acc[a][v] = _mm256_fmadd_ps(b, gv[v], acc[a][v]);
+      JSC_UNROLL for (int v = 0; v < V; ++v)
+        acc[a][v] = _mm256_fmadd_ps(b, gv[v], acc[a][v]);
     }
   }
-  for (int a = 0; a < R; ++a)
-    for (int v = 0; v < V; ++v) _mm256_storeu_ps(dw + int64_t(a) * cout + 8 * v, acc[a][v]);
+  JSC_UNROLL for (int a = 0; a < R; ++a)
+    JSC_UNROLL for (int v = 0; v < V; ++v)
+      _mm256_storeu_ps(dw + int64_t(a) * cout + 8 * v, acc[a][v]);
 }
 
 // Rows [i0, i0 + R) of dw, every column: 16-column blocks, then 8, then the scalar tail.

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <thread>
@@ -37,6 +38,18 @@ void parallel(int threads, const F& f) {
   for (int t = 1; t < threads; ++t) pool.emplace_back([&f, t] { f(t); });
   f(0);
   for (auto& th : pool) th.join();
+}
+
+// f(begin, end) over [0, rows) in blocks of `grain` rows, handed to `threads` threads as
+// they come free (a thread the OS delays holds up only its current block). Which thread
+// runs a block does not change what the block computes.
+template <class F>
+void parallel_blocks(int threads, int64_t rows, int64_t grain, const F& f) {
+  std::atomic<int64_t> next{0};
+  parallel(threads, [&](int) {
+    for (int64_t b; (b = next.fetch_add(grain, std::memory_order_relaxed)) < rows;)
+      f(b, std::min(rows, b + grain));
+  });
 }
 
 // f(begin, end) over [0, rows) cut into `threads` contiguous ranges, one a thread.
