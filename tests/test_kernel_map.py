@@ -143,17 +143,22 @@ def test_packed_batch_never_crosses_clouds(rng):
   assert got[50:] == [[i + 50 for i in row] for row in map_as_sets(kb)]
 
 
-@pytest.mark.parametrize("extent,bitmap", [(12, True), (100, False), (300, False)],
-                         ids=["bitmap", "bucket-search", "wide-bucket-search"])
-def test_both_lookup_paths_match_brute_force(rng, extent, bitmap):
-  """Small spans use the O(1) bucket bitmap, wide ones a binary search per bucket."""
-  from jax_sparseconv._src.lookup import bucket_bits
+@pytest.mark.parametrize("extent", [12, 100, 300, 2**20 - 8],
+                         ids=["dense", "sparse", "wide", "whole-range"])
+def test_block_table_lookup_matches_brute_force_at_any_extent(rng, extent):
+  """The jnp lookup (hashed 4x4x2 blocks) from a dense cube to the whole coordinate range;
+  the native one must give the same table."""
   n = 400
-  flat = rng.choice(extent**3, size=n, replace=False)
-  idx = np.stack(np.unravel_index(flat, (extent,) * 3), axis=1)
+  idx = rng.integers(0, extent, size=(4 * n, 3))
+  idx = np.unique(idx, axis=0)[:n]
+  idx = idx[rng.permutation(len(idx))]
   pos = ((idx + 0.5) * 0.1).astype(np.float32)
-  km = sc.build_kernel_map(pos, pos[:300], 0.1, 3)
-  expect = reference.brute_force_neighbors(pos, pos[:300], 0.1, (3, 3, 3))
-  assert map_as_sets(km) == [sorted(int(i) for i in e) for e in expect]
-  code_bits = 3 * int(extent + 2).bit_length()
-  assert (code_bits - bucket_bits(n) <= 5) == bitmap  # the path this case is meant to test
+  expect = [sorted(int(i) for i in e)
+            for e in reference.brute_force_neighbors(pos, pos[:300], 0.1, (3, 3, 3))]
+  for backend in ("jnp", "auto"):
+    previous = sc.set_kernel_backend(backend)
+    try:
+      km = sc.build_kernel_map(pos, pos[:300], 0.1, 3)
+    finally:
+      sc.set_kernel_backend(previous)
+    assert map_as_sets(km) == expect, backend

@@ -250,14 +250,14 @@ def _build(in_pos, out_pos, voxel_size, in_mask, out_mask, in_batch, out_batch, 
   ref = lattice.reference_point(in_pos, in_mask, out_pos, out_mask, a_all_valid=in_all_valid)
   q_in, flags_in = lattice.quantize(in_pos, vs, in_mask, ref)
   q_out, flags_out = lattice.quantize(out_pos, vs, out_mask, ref)
-  (c_in, c_out), span, flags_range = lattice.to_grid([q_in, q_out], [in_mask, out_mask], margin)
+  (c_in, c_out), _, flags_range = lattice.to_grid([q_in, q_out], [in_mask, out_mask], margin)
   flags = flags_in | flags_out | flags_range | lattice.voxel_size_flags(vs)
   if in_batch is not None:
     flags |= lattice.batch_flags(in_batch, in_mask) | lattice.batch_flags(out_batch, out_mask)
 
   # 2. Every (output, slot) query looked up among the inputs.
   neighbors, duplicate = lookup.neighbors(c_in, in_mask, in_batch, c_out, out_mask, out_batch,
-                                          deltas, span)
+                                          deltas)
   flags |= errors.bit(duplicate, ErrorCode.DUPLICATE_INPUT)
 
   # 3. The inverse table, for the backward pass.

@@ -9,28 +9,31 @@ and the kernel's slots as integer offsets. Two implementations give identical re
   number of points and queries only, not on the coordinates' extent. Packed batches
   and ``vmap``'s batch axes are handled by the kernel.
 * **jnp** (other platforms, and the ``"jnp"`` backend): the inputs' Morton keys are
-  sorted once; the top ``B`` bits of the used part of each code index two tables
-  (where each bucket starts in the sorted keys, and a 32-bit occupancy mask per
-  bucket). When buckets span at most 32 codes a query is answered in O(1) (bit test +
-  popcount); wider spans binary-search their bucket. Packed batches binary-search the
-  whole sorted array lexicographically.
+  sorted once; the occupied 4x4x2 blocks (consecutive in that order) get a 32-bit
+  occupancy mask and the sorted position of their first input, and go into an
+  open-addressing hash table keyed by block coordinates (:class:`_BlockTable`). Each
+  output looks up the blocks its window can reach (8 for K=3) and each of its queries
+  answers with a bit test and a popcount in one of them. Also independent of the
+  extent; packed batches key the blocks by cloud too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from . import backend, ffi, lattice
+from . import backend, ffi, lattice, vma
 from .morton import MAX_COORD
 
 #: Coordinates the native lookup accepts, per axis (``[0, 2**21)``).
 _NATIVE_RANGE = 2 * MAX_COORD
 
 
-def neighbors(c_in, in_mask, in_batch, c_out, out_mask, out_batch, deltas, span):
+def neighbors(c_in, in_mask, in_batch, c_out, out_mask, out_batch, deltas):
   """``(neighbors, duplicate)`` for non-negative coordinates.
 
   Args:
@@ -39,7 +42,6 @@ def neighbors(c_in, in_mask, in_batch, c_out, out_mask, out_batch, deltas, span)
     in_mask, out_mask: bool validity.
     in_batch, out_batch: int32 cloud indices, or ``None`` (one cloud).
     deltas: static int ``(S, 3)`` slot offsets; output ``i`` queries ``c_out[i] + d``.
-    span: int32 scalar, the largest valid coordinate (sizes the jnp bucket tables).
 
   Returns:
     int32 ``(m, S)`` input indices (``n`` where none) and a bool scalar, whether two
@@ -53,40 +55,102 @@ def neighbors(c_in, in_mask, in_batch, c_out, out_mask, out_batch, deltas, span)
   native = (functools.partial(_neighbors_native, deltas=deltas)
             if ("jsc_cpu_neighbors", "cpu") in ffi.targets else None)
   return backend.dispatch(jnp_fn, None, c_in, in_mask, in_batch, c_out, out_mask, out_batch,
-                          span, cpu_fn=native)
+                          cpu_fn=native)
 
 
-def _neighbors_native(c_in, in_mask, in_batch, c_out, out_mask, out_batch, span, *, deltas):
-  del span
+def _neighbors_native(c_in, in_mask, in_batch, c_out, out_mask, out_batch, *, deltas):
   clip = functools.partial(jnp.clip, min=0, max=_NATIVE_RANGE - 1)
   return ffi.cpu_neighbors(clip(c_in), in_batch, in_mask, clip(c_out), out_batch, out_mask,
                            deltas)
 
 
-def _neighbors_jnp(c_in, in_mask, in_batch, c_out, out_mask, out_batch, span, *, deltas,
-                   packed):
-  n = c_in.shape[0]
+def _neighbors_jnp(c_in, in_mask, in_batch, c_out, out_mask, out_batch, *, deltas, packed):
+  n, m, s = c_in.shape[0], c_out.shape[0], len(deltas)
   *sorted_keys, perm = lattice.sort_keys(
       lattice.keys(c_in, in_batch if packed else None, in_mask))
   duplicate = lattice.has_duplicates(sorted_keys)
-  # One sentinel row at the end (pad, not a concatenated constant: a constant has no
-  # batch sharding under vmap over an Explicit mesh axis).
-  sorted_keys = [jnp.pad(k, (0, 1), constant_values=lattice.SENTINEL_KEY) for k in sorted_keys]
-  perm = jnp.pad(perm, (0, 1), constant_values=n)
+  if n == 0 or m == 0 or s == 0:
+    return jnp.full((m, s), n, jnp.int32), duplicate
+  table = _BlockTable.build(sorted_keys, perm, c_in, in_batch if packed else None)
 
-  cq = c_out[:, None, :] + jnp.asarray(deltas)[None, :, :]
-  q_ok = out_mask[:, None] & jnp.all((cq >= 0) & (cq < MAX_COORD), axis=-1)
-  qb = jnp.broadcast_to(out_batch[:, None], cq.shape[:2]) if packed else None
-  q_keys = lattice.keys(cq, qb)
-  if packed:  # a plain binary search over the whole sorted array
-    full = jnp.full(q_keys[0].shape, n + 1, jnp.int32)
-    pos = _lower_bound(sorted_keys, q_keys, jnp.zeros_like(full), full)
-    found = functools.reduce(jnp.logical_and,
-                             [_take(k, pos) == q for k, q in zip(sorted_keys, q_keys)])
-  else:
-    margin = int(abs(deltas).max()) if deltas.size else 0
-    pos, found = _find(sorted_keys, q_keys, span + margin + 1)
-  return jnp.where(q_ok & found, _take(perm, pos), n).astype(jnp.int32), duplicate
+  deltas = np.asarray(deltas, np.int32)
+  lo_d, hi_d = deltas.min(axis=0), deltas.max(axis=0)
+  # Per axis, the blocks an output's window can touch: at most this many (static).
+  reach = [int((hi_d[a] - lo_d[a]) >> _BLOCK_SHIFT[a]) + 2 for a in range(3)]
+  if int(np.prod(reach)) >= s:  # few slots over a wide window: a block look-up per query
+    return _per_query(table, perm, c_out, out_mask, out_batch if packed else None,
+                      deltas), duplicate
+  # Each output's candidate blocks, looked up once: from the block of its window's lowest
+  # corner, `reach` blocks per axis. Out of range or masked outputs: none.
+  first = [(c_out[:, a] + lo_d[a]) >> sh for a, sh in enumerate(_BLOCK_SHIFT)]
+  grid = np.stack(np.meshgrid(*[np.arange(r) for r in reach], indexing="ij"), -1)
+  grid = grid.reshape(-1, 3).astype(np.int32)
+  cand = [f[:, None] + grid[None, :, a] for a, f in enumerate(first)]  # (m, C) each
+  cand_ok = functools.reduce(jnp.logical_and, [
+      (ca >= 0) & (ca < (MAX_COORD >> sh)) for ca, sh in zip(cand, _BLOCK_SHIFT)],
+                             out_mask[:, None])
+  cand_ids = table.find(cand, jnp.broadcast_to(out_batch[:, None], cand[0].shape)
+                        if packed else None)
+  cand_ids = jnp.where(cand_ok, cand_ids, n)
+  # Which candidate and which bit each query reads depends only on the output's position
+  # within its block (its "phase": x, y mod 4, z mod 2) and the slot: a static table.
+  phase = ((c_out[:, 0] & 3) * 4 + (c_out[:, 1] & 3)) * 2 + (c_out[:, 2] & 1)
+  code = _take(jnp.asarray(_phase_table(deltas, tuple(reach))), phase)  # (m, s)
+  cand_rows = _take(table.rows, cand_ids)  # (m, C, 2): the candidates' start and mask
+  start, mask = (jnp.take_along_axis(cand_rows[..., i], code >> 5, axis=1) for i in (0, 1))
+  pos, found = _locate(start, mask, (code & 31).astype(jnp.uint32))
+  return jnp.where(found, _take(perm, pos), n).astype(jnp.int32), duplicate
+
+
+def _per_query(table, perm, c_out, out_mask, out_batch, deltas):
+  """The look-up with one block look-up per query (kernels with few slots)."""
+  n = perm.shape[0]
+  q = [c_out[:, a, None] + deltas[None, :, a] for a in range(3)]  # (m, s) per axis
+  q_ok = functools.reduce(jnp.logical_and, [(qa >= 0) & (qa < MAX_COORD) for qa in q],
+                          out_mask[:, None])
+  q = [jnp.clip(qa, 0, MAX_COORD - 1) for qa in q]
+  ids = table.find([qa >> sh for qa, sh in zip(q, _BLOCK_SHIFT)],
+                   None if out_batch is None else jnp.broadcast_to(out_batch[:, None], q[0].shape))
+  row = _take(table.rows, ids)
+  pos, found = _locate(row[..., 0], row[..., 1], _bit_in_block(*q))
+  return jnp.where(q_ok & found, _take(perm, pos), n).astype(jnp.int32)
+
+
+def _locate(start, mask, bit):
+  """Sorted position of the voxel at ``bit`` of a block (its first input at ``start``,
+  occupancy ``mask``), and whether it is there."""
+  below = mask & ((jnp.uint32(1) << bit) - 1)
+  pos = start.astype(jnp.int32) + jax.lax.population_count(below).astype(jnp.int32)
+  return pos, ((mask >> bit) & 1) == 1
+
+
+def _bit_in_block(x, y, z):
+  """A voxel's index (0..31) in its block: its Morton code's lowest five bits (jnp or
+  NumPy integers)."""
+  return ((x & 1) | ((y & 1) << 1) | ((z & 1) << 2) | (((x >> 1) & 1) << 3)
+          | (((y >> 1) & 1) << 4)).astype(jnp.uint32)
+
+
+@functools.lru_cache(maxsize=None)
+def _phase_table_cached(deltas_bytes, s, reach):
+  deltas = np.frombuffer(deltas_bytes, np.int32).reshape(s, 3).astype(np.int64)
+  lo_d = deltas.min(axis=0)
+  phases = np.stack(np.meshgrid(np.arange(4), np.arange(4), np.arange(2), indexing="ij"), -1)
+  p = phases.reshape(-1, 1, 3)  # (32, 1, 3), row = (px * 4 + py) * 2 + pz
+  shift = np.asarray(_BLOCK_SHIFT)
+  local = ((p + deltas[None]) >> shift) - ((p + lo_d) >> shift)
+  flat = (local[..., 0] * reach[1] + local[..., 1]) * reach[2] + local[..., 2]
+  q = p + deltas[None]  # the query's coordinates modulo (4, 4, 2) give its bit
+  bit = _bit_in_block(q[..., 0], q[..., 1], q[..., 2]).astype(np.int64)
+  return (flat * 32 + bit).astype(np.int32)
+
+
+def _phase_table(deltas, reach):
+  """int32 ``(32, S)``: for an output at phase ``(x % 4, y % 4, z % 2)`` and slot ``s``,
+  ``32 * candidate + bit``: which of its candidate blocks the query falls in and its bit
+  there."""
+  d = np.ascontiguousarray(deltas, np.int32)
+  return _phase_table_cached(d.tobytes(), d.shape[0], reach)
 
 
 def _take(a, idx):
@@ -94,80 +158,117 @@ def _take(a, idx):
   return jnp.take(a, idx, axis=0, mode="clip")
 
 
-def _lex_less(a_words, b_words):
-  less = jnp.zeros(jnp.broadcast_shapes(a_words[0].shape, b_words[0].shape), bool)
-  for a, b in reversed(list(zip(a_words, b_words))):
-    less = (a < b) | ((a == b) & less)
-  return less
+#: Bits of (x, y, z) below a block: a block is the 4 x 4 x 2 voxels whose Morton codes
+#: share all but the lowest five bits (x0 y0 z0 x1 y1), so that the inputs of a block are
+#: consecutive in sorted order and one uint32 holds its occupancy.
+_BLOCK_SHIFT = (2, 2, 1)
 
 
-def _lower_bound(sorted_words, query_words, lo, hi):
-  """Vectorised lexicographic ``searchsorted(side='left')`` of each query within
-  ``sorted_words[lo:hi]``; iterates until every query has converged."""
-  n = sorted_words[0].shape[0]
-
-  def step(state):
-    lo, hi = state
-    mid = jnp.minimum((lo + hi) // 2, n - 1)
-    less = _lex_less([_take(w, mid) for w in sorted_words], query_words)
-    active = lo < hi
-    return jnp.where(active & less, mid + 1, lo), jnp.where(active & ~less, mid, hi)
-
-  lo, _ = jax.lax.while_loop(lambda st: jnp.any(st[0] < st[1]), step, (lo, hi))
-  return lo
+def _hash(words):
+  """A 32-bit hash of uint32 words (block coordinates, cloud index)."""
+  h = jnp.uint32(0)
+  for w, k in zip(words, (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F)):
+    h = h ^ (w.astype(jnp.uint32) * jnp.uint32(k))
+  h = h ^ (h >> 15)
+  return h * jnp.uint32(0x2C1B3C6D)
 
 
-def bucket_bits(n: int) -> int:
-  """Bits ``B`` of the Morton-code prefix indexing the jnp search's tables (static).
+@dataclasses.dataclass(frozen=True)
+class _BlockTable:
+  """The inputs' occupied blocks in an open-addressing hash table.
 
-  About 16 buckets per point up to 2**17 points, growing faster beyond (a surface of
-  N voxels spans ~sqrt(N) voxels per axis, so its code space grows as N**1.5), capped
-  at 2**25. The two tables (bucket starts and occupancy masks) take ``8 * 2**B``
-  bytes: 16 MiB at 100k points, 256 MiB from 1M on. The O(1) bitmap lookup covers
-  spans up to ``2**((B + 5) / 3)`` voxels per axis (~400 at 100k points, 1024 from
-  1M on); larger spans use a binary search within each bucket.
+  From the sorted keys, per occupied block: the position of its first input in sorted
+  order and a 32-bit occupancy mask (bit = the voxel's lowest five Morton bits). The
+  blocks, keyed by their block coordinates (and cloud index), sit in a table of
+  ``2**(bit_length(n) + 2)`` entries (at most a quarter full) at ``hash + d`` for the
+  smallest free ``d`` (linear probing, inserted in parallel rounds); a look-up walks
+  from its hash to its block or an empty entry, at most ``max d + 1`` entries. Nothing
+  depends on the coordinates' extent: the cost is set by the number of points and
+  queries.
   """
-  b = int(n).bit_length()
-  return int(min(25, max(8, b + 4 + max(0, b - 17))))
 
+  rows: jax.Array  # uint32 (n + 1, 2): per block, first sorted input and occupancy bits
+  entries: jax.Array  # uint32 (H, 1 + words): block id (n: empty), then its key words
+  probes: jax.Array  # int32 scalar, max d + 1
 
-def _prefix(hi, lo, shift):
-  """``((hi << 30) | lo) >> shift`` (shift >= 0), keeping 32 bits."""
-  s = shift.astype(jnp.uint32)
-  low_part = (hi << jnp.clip(30 - shift, 0, 31).astype(jnp.uint32)) | (lo >> jnp.minimum(s, 31))
-  high_part = hi >> jnp.clip(shift - 30, 0, 31).astype(jnp.uint32)
-  return jnp.where(shift <= 30, low_part, high_part)
+  @classmethod
+  def build(cls, sorted_keys, perm, c_in, batch):
+    n = perm.shape[0]
+    valid = functools.reduce(jnp.logical_and, [w != lattice.SENTINEL_KEY for w in sorted_keys])
+    new_key = ~lattice.same_as_previous(sorted_keys)
+    new_block = valid & ~lattice.same_as_previous([*sorted_keys[:-1], sorted_keys[-1] >> 5])
+    num_blocks = jnp.sum(new_block.astype(jnp.int32))
+    bid = jnp.cumsum(new_block.astype(jnp.int32)) - 1
+    at_first = jnp.where(new_block, bid, n + 1)  # scatter targets; n + 1 is dropped
+    c = _take(c_in, perm)
+    words = [c[:, a] >> sh for a, sh in enumerate(_BLOCK_SHIFT)]
+    if batch is not None:
+      words.append(_take(batch, perm))
+    keys = [jnp.zeros(n + 1, jnp.uint32).at[at_first].set(w.astype(jnp.uint32), mode="drop")
+            for w in words]
+    start = jnp.zeros(n + 1, jnp.uint32).at[at_first].set(
+        jnp.arange(n, dtype=jnp.uint32), mode="drop")
+    bit = jnp.uint32(1) << (sorted_keys[-1] & 31)
+    mask = jnp.zeros(n + 1, jnp.uint32).at[jnp.where(valid & new_key, bid, n + 1)].add(
+        bit, mode="drop")  # one bit per distinct key: no carries, even with duplicates
 
+    log_h = min(31, int(n).bit_length() + 2)  # 2**log_h entries: at most a quarter full
+    size = 1 << log_h
+    home = (_hash(keys) >> (32 - log_h)).astype(jnp.int32)
+    ids = jnp.arange(n + 1, dtype=jnp.int32)
 
-def _find(sorted_words, query_words, max_coord):
-  """Index of each query key in the sorted ``(hi, lo)`` keys, and whether it is there.
+    def insert(state):  # each block to the first free entry from its hash on
+      slots, todo, d = state
+      at = (home + d) & (size - 1)
+      try_here = todo & (_take(slots, at) == n)
+      slots = slots.at[jnp.where(try_here, at, size)].min(ids, mode="drop")
+      todo = todo & ~(try_here & (_take(slots, at) == ids))
+      return slots, todo, jnp.where(todo, d + 1, d)
 
-  Coordinates are below ``max_coord``, so codes have ``3 * bit_length(max_coord)``
-  bits; their top ``B`` bits index the bucket tables (a histogram and its cumulative
-  sum). Sentinel keys (padding) sort after every bucket.
-  """
-  hi, lo = sorted_words
-  bits = bucket_bits(hi.shape[0])
-  nbits = 32 - jax.lax.clz(jnp.maximum(max_coord, 1).astype(jnp.uint32)).astype(jnp.int32)
-  shift = jnp.maximum(3 * nbits - bits, 0)
-  sentinel = hi == lattice.SENTINEL_KEY
-  in_prefix = jnp.where(sentinel, 1 << bits, _prefix(hi, lo, shift).astype(jnp.int32))
-  counts = jnp.zeros((1 << bits) + 1, jnp.int32).at[in_prefix].add(1)
-  start = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(counts)]).astype(jnp.int32)
-  qp = jnp.clip(_prefix(*query_words, shift).astype(jnp.int32), 0, (1 << bits) - 1)
+    # Initial values vary like the keys (inside shard_map, the carry's types must match).
+    slots, _, d = jax.lax.while_loop(
+        lambda st: jnp.any(st[1]), insert,
+        (vma.match(jnp.full(size, n, jnp.int32), home)[0], ids < num_blocks, home * 0))
+    entries = jnp.stack([slots.astype(jnp.uint32)] + [_take(k, slots) for k in keys], -1)
+    return cls(jnp.stack([start, mask], -1), entries, jnp.max(d) + 1)
 
-  def bitmap(_):
-    low = jnp.uint32(31) & ((jnp.uint32(1) << shift.astype(jnp.uint32)) - 1)
-    in_bit = jnp.where(sentinel, 0, jnp.uint32(1) << (lo & low))
-    masks = jnp.zeros((1 << bits) + 1, jnp.uint32).at[in_prefix].add(in_bit)  # bits unique
-    m = _take(masks, qp)
-    r = query_words[1] & low
-    below = m & ((jnp.uint32(1) << r) - 1)
-    pos = _take(start, qp) + jax.lax.population_count(below).astype(jnp.int32)
-    return pos, ((m >> r) & 1) == 1
+  def find(self, block, batch):
+    """Block id of each block coordinate (``block``: per axis, same shapes; ``n`` where
+    no input is in that block)."""
+    words = [b.astype(jnp.uint32) for b in block]
+    if batch is not None:
+      words.append(batch.astype(jnp.uint32))
+    size = self.entries.shape[0]
+    n = self.rows.shape[0] - 1
+    home = (_hash(words) >> (32 - (size.bit_length() - 1))).astype(jnp.int32)
 
-  def search(_):
-    pos = _lower_bound(sorted_words, query_words, _take(start, qp), _take(start, qp + 1))
-    return pos, (_take(hi, pos) == query_words[0]) & (_take(lo, pos) == query_words[1])
+    def probe(d, home, words, found, open_):  # entry d from the hash of each open query
+      entry = _take(self.entries, (home + d) & (size - 1))  # (..., 1 + words)
+      hit = functools.reduce(jnp.logical_and,
+                             [entry[..., i + 1] == w for i, w in enumerate(words)])
+      empty = entry[..., 0] == n
+      found = jnp.where(open_ & hit & ~empty, entry[..., 0].astype(jnp.int32), found)
+      return found, open_ & ~hit & ~empty
 
-  return jax.lax.cond(shift <= 5, bitmap, search, None)
+    def probe_on(d, home, words, found, open_):  # entries d, d + 1, ... while any is open
+      def body(st):
+        return (st[0] + 1, *probe(st[0], home, words, *st[1:]))
+      return jax.lax.while_loop(lambda st: (st[0] < self.probes) & jnp.any(st[2]), body,
+                                (d, found, open_))[1]
+
+    shape = home.shape
+    home, words = home.reshape(-1), [w.reshape(-1) for w in words]
+    found, open_ = probe(0, home, words, home * 0 + n, home >= 0)
+    # The few queries left open after the first entry go on alone, when they fit a buffer
+    # of an eighth of the queries (most are answered by the entry at their hash).
+    cap = max(1, home.shape[0] // 8)
+
+    def few(found):
+      (idx,) = jnp.nonzero(open_, size=cap, fill_value=home.shape[0])
+      sub = probe_on(1, _take(home, idx), [_take(w, idx) for w in words], _take(found, idx),
+                     idx < home.shape[0])
+      return found.at[idx].set(sub, mode="drop")
+
+    found = jax.lax.cond(jnp.sum(open_) <= cap, few,
+                         lambda found: probe_on(1, home, words, found, open_), found)
+    return found.reshape(shape)
