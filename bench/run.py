@@ -237,6 +237,35 @@ def bench_batched(total, repeats, num_clouds=16):
   return rows
 
 
+def bench_search_backends(data, repeats, shift=3000):
+  """K=3 submanifold map build on the native CPU search and on the jnp one (the path on
+  GPUs without the CUDA build), per cloud, plus each compact cloud with the half of
+  larger x moved ``shift`` voxels along x (the same neighbours but those across the cut,
+  over a much wider extent)."""
+  clouds = []
+  for (kind, n), (fine, _, st, _) in data.items():
+    clouds.append((kind, fine, st))
+    if kind == "compact":
+      moved = fine.copy()
+      half = moved[:, 0] > np.median(moved[:, 0])
+      moved[half, 0] += shift * VS
+      clouds.append((f"compact, half moved {shift} along x", moved,
+                     scenes.cloud_stats(moved, VS)))
+  rows = []
+  for name, pos, st in clouds:
+    ms = {}
+    for backend in ("auto", "jnp"):
+      previous = sc.set_kernel_backend(backend)
+      try:
+        build = jax.jit(lambda p: sc.build_kernel_map(p, p, VS, 3))
+        ms[backend] = median_ms(build, pos, repeats=repeats)
+      finally:
+        sc.set_kernel_backend(previous)
+    rows.append([name, st["n"], "x".join(map(str, st["extent"])), f"{st['neighbours']:.2f}",
+                 f"{ms['auto']:.1f}", f"{ms['jnp']:.1f}", f"{ms['jnp'] / ms['auto']:.2f}"])
+  return rows
+
+
 def md_table(cols, rows):
   return (["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] +
           ["| " + " | ".join(map(str, r)) + " |" for r in rows])
@@ -255,6 +284,8 @@ def main(argv=None):
   ap.add_argument("--dense-max-gb", type=float, default=4.0)
   ap.add_argument("--no-open3d", action="store_true")
   ap.add_argument("--no-batched", action="store_true", help="skip the batched-maps section")
+  ap.add_argument("--no-search-backends", action="store_true",
+                  help="skip the native-vs-jnp search section")
   ap.add_argument("--output", default=str(HERE / "RESULTS.md"))
   args = ap.parse_args(argv)
   load_before = os.getloadavg()
@@ -339,6 +370,13 @@ def main(argv=None):
       batched.append(row)
       print("batched maps | " + " | ".join(map(str, row)), flush=True)
 
+  # The search on both backends.
+  searches = []
+  if not args.no_search_backends:
+    for row in bench_search_backends(data, args.repeats):
+      searches.append(row)
+      print("search backends | " + " | ".join(map(str, row)), flush=True)
+
   load_after = os.getloadavg()
   fmt = lambda l: "/".join(f"{x:.2f}" for x in l)
   run_line = (f"kernel backend {sc.get_kernel_backend()!r} (auto: native CPU kernels for "
@@ -369,6 +407,15 @@ def main(argv=None):
              "/ one cloud's (lower is better, 1.0 = as fast per voxel).", ""]
     text += md_table(["mode", "voxels", "rows (with padding)", "pairs/voxel", "map ms",
                       "ms per 1k voxels", "x one cloud"], batched)
+  if searches:
+    text += ["", "## Search backends", "",
+             "K=3 submanifold kernel-map build (with the inverse, `jax.jit`, ms) on the native "
+             "CPU search (what the table above uses) and on the jnp search (the path on GPUs "
+             "without the CUDA build, measured here on the CPU); `compact, half moved` = the "
+             "compact cloud with its half of larger x moved 3000 voxels along x: the same "
+             "neighbours but those across the cut, over a much wider extent.", ""]
+    text += md_table(["cloud", "N", "extent", "neighbours/voxel", "native ms", "jnp ms",
+                      "jnp / native"], searches)
   out = pathlib.Path(args.output)
   if out.exists() and NOTES_MARK in out.read_text():
     text += ["", NOTES_MARK + out.read_text().split(NOTES_MARK, 1)[1].rstrip("\n")]
