@@ -1,6 +1,6 @@
 """CPU benchmark: ``python bench/run.py`` (``--full`` adds N = 1M; ``--quick`` only 10k).
 
-Clouds (``--clouds``, default all three; generators in ``jax_sparseconv.scenes``, voxel
+Clouds (``--clouds``, default all four; generators in ``jax_sparseconv.scenes``, voxel
 0.05, seed 0), each printed with its extent (voxels per axis) and occupied K=3
 neighbours per voxel:
 
@@ -9,7 +9,9 @@ neighbours per voxel:
 * ``spread``: ``scenes.spread_voxels``, small shapes spread out in a 400 x 400 x 360
   volume (~12 neighbours);
 * ``outdoor``: ``scenes.lidar_voxels``, a street scanned by a simulated 64-beam
-  spinning LiDAR (~5 neighbours, thin surfaces, ~3400 x 2700 x 120 at 100k).
+  spinning LiDAR (~5 neighbours, thin surfaces, ~3400 x 2700 x 120 at 100k);
+* ``indoor``: ``scenes.room_voxels``, an office floor of furnished rooms (walls, floor,
+  tables, chairs, balls, columns; ~15 neighbours, ~300 x 100 x 50 at 100k).
 
 Workloads per cloud: K=3 submanifold (out = in), K=2 strided down-sampling, K=2
 transposed up-sampling; N = 10k / 100k (/ 1M, ``--sizes`` to choose). Channels
@@ -67,8 +69,9 @@ from jax_sparseconv._src.memory import predicted_peak_bytes
 HERE = pathlib.Path(__file__).parent
 VS = 0.05
 SEED = 0
-CLOUDS = tuple(scenes.CLOUDS)  # compact, spread, outdoor
-DEFAULT_CHANNELS = {"compact": (32, 64), "spread": (64,), "outdoor": (64,)}
+CLOUDS = tuple(scenes.CLOUDS)  # compact, spread, outdoor, indoor
+DEFAULT_CHANNELS = {"compact": (32, 64), "spread": (64,), "outdoor": (64,),
+                    "indoor": (64,)}
 NOTES_MARK = "<!-- notes -->"
 
 

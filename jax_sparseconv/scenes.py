@@ -489,8 +489,6 @@ def spread_voxels(num_voxels: int, voxel_size: float = 0.05, seed: int = 0):
 # The bench's clouds
 # ---------------------------------------------------------------------------------------
 
-#: The voxel-cloud generators by the name ``bench/run.py`` gives them (``--clouds``).
-CLOUDS = {"compact": surface_voxels, "spread": spread_voxels, "outdoor": lidar_voxels}
 
 
 def cloud_stats(voxels, voxel_size):
@@ -625,3 +623,38 @@ def room_points(seed: int, density: float = 250.0):
   points = np.concatenate(pts) + 0.005 * rng.standard_normal((sum(map(len, pts)), 3))
   return (points.astype(np.float32), np.concatenate(cols).astype(np.float32),
           np.concatenate(labs).astype(np.int32))
+
+
+ROOM_PITCH = 5.5  # metres between the origins of neighbouring rooms of room_voxels
+ROOMS_PER_ROW = 6
+
+
+def room_voxels(num_voxels: int, voxel_size: float = 0.05, seed: int = 0):
+  """An office floor of furnished rooms (:func:`room_points`: floor, walls, tables,
+  chairs, balls, columns), ``ROOMS_PER_ROW`` rooms a row at ``ROOM_PITCH`` metres, added
+  until the floor has ``num_voxels`` occupied voxels (the last room is cut by a plane).
+
+  Surfaces are sampled with 4 points per voxel of area (``4 / voxel_size**2`` per square
+  metre), so they are closed at any voxel size. Deterministic in ``seed``; a smaller
+  cloud is a subset of a larger one.
+
+  Returns:
+    float32 ``(num_voxels, 3)`` voxel centres ``(i + 0.5) * vs`` in lexicographic index
+    order.
+  """
+  pts, prio, i, have = [], [], 0, 0
+  while have < num_voxels:
+    p = room_points(seed * 100_003 + i, density=4.0 / voxel_size**2)[0].astype(np.float64)
+    p[:, :2] += ROOM_PITCH * np.array([i % ROOMS_PER_ROW, i // ROOMS_PER_ROW])
+    t = p @ np.random.default_rng([seed, 23, i]).standard_normal(3)
+    pts.append(p)
+    prio.append(i + 0.5 * (t - t.min()) / max(np.ptp(t), 1e-9))  # the last room is cut
+    have += len(np.unique(_codes(np.floor(p / voxel_size).astype(np.int64))))  # no overlap
+    i += 1
+  codes, _ = _first_voxels(np.concatenate(pts), np.concatenate(prio), num_voxels, voxel_size)
+  return _centres(codes, voxel_size)
+
+
+#: The voxel-cloud generators by the name ``bench/run.py`` gives them (``--clouds``).
+CLOUDS = {"compact": surface_voxels, "spread": spread_voxels, "outdoor": lidar_voxels,
+          "indoor": room_voxels}

@@ -34,7 +34,7 @@ def clouds():
   return {name: fn(10_000, VS, 0) for name, fn in scenes.CLOUDS.items()}
 
 
-@pytest.mark.parametrize("name", ["compact", "spread", "outdoor"])
+@pytest.mark.parametrize("name", ["compact", "spread", "outdoor", "indoor"])
 def test_count_unique_on_lattice(clouds, name):
   v = clouds[name]
   assert v.dtype == np.float32 and v.ndim == 2 and v.shape[1] == 3
@@ -48,7 +48,7 @@ def test_count_unique_on_lattice(clouds, name):
   assert np.array_equal(idx, idx[np.lexsort(idx.T[::-1])])  # lexicographic order
 
 
-@pytest.mark.parametrize("name", ["compact", "spread", "outdoor"])
+@pytest.mark.parametrize("name", ["compact", "spread", "outdoor", "indoor"])
 def test_cloud_stats_matches_a_set(clouds, name):
   st = scenes.cloud_stats(clouds[name], VS)
   extent, nbrs = set_stats(clouds[name], VS)
@@ -91,6 +91,16 @@ def test_outdoor_statistics(clouds):
   assert 2500 <= ex <= 5000 and 2000 <= ey <= 4000 and 80 <= ez <= 160  # thousands wide
 
 
+def test_indoor_statistics(clouds):
+  extent, nbrs = set_stats(clouds["indoor"], VS)
+  assert 12 <= nbrs <= 18  # ~15: closed surfaces of rooms and furniture
+  assert extent[2] <= 50  # rooms are 2.4 m high
+  st = scenes.cloud_stats(scenes.room_voxels(100_000, VS, 0), VS)
+  assert st["n"] == 100_000 and 12 <= st["neighbours"] <= 18
+  ex, ey, ez = st["extent"]
+  assert ex >= 200 and ey >= 60 and ez <= 50  # several rooms side by side
+
+
 def test_lidar_points_voxelise_to_lidar_voxels(clouds):
   pts, labels = scenes.lidar_points(10_000, VS, 0)
   assert pts.dtype == np.float32 and labels.dtype == np.int32 and len(pts) == len(labels)
@@ -102,7 +112,7 @@ def test_lidar_points_voxelise_to_lidar_voxels(clouds):
   assert r.max() < scenes.LIDAR_RANGE[1] + 0.1 and np.median(r) < 20  # density falls with range
 
 
-@pytest.mark.parametrize("name", ["spread", "outdoor"])
+@pytest.mark.parametrize("name", ["spread", "outdoor", "indoor"])
 def test_smaller_cloud_is_a_subset(clouds, name):
   big = scenes.CLOUDS[name](15_000, VS, 0)
   small = set(map(tuple, clouds[name].tolist()))
@@ -121,5 +131,6 @@ def test_importable_without_jax():
           f"spec = importlib.util.spec_from_file_location('scenes', {str(path)!r})\n"
           "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
           "assert 'jax' not in sys.modules, 'scenes.py imported jax'\n"
-          "m.lidar_voxels(1000); m.spread_voxels(1000); m.surface_voxels(1000)\n")
+          "m.lidar_voxels(1000); m.spread_voxels(1000); m.surface_voxels(1000)\n"
+          "m.room_voxels(1000)\n")
   subprocess.run([sys.executable, "-c", code], check=True)
