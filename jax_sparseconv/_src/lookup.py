@@ -258,17 +258,18 @@ class _BlockTable:
 
     shape = home.shape
     home, words = home.reshape(-1), [w.reshape(-1) for w in words]
+    total = home.shape[0]
     found, open_ = probe(0, home, words, home * 0 + n, home >= 0)
-    # The few queries left open after the first entry go on alone, when they fit a buffer
-    # of an eighth of the queries (most are answered by the entry at their hash).
-    cap = max(1, home.shape[0] // 8)
+    # Most queries are answered by the entry at their hash. The others go on in a buffer
+    # of an eighth of the queries at a time, each until its block or an empty entry.
+    cap = max(1, total // 8)
 
-    def few(found):
-      (idx,) = jnp.nonzero(open_, size=cap, fill_value=home.shape[0])
+    def next_few(state):
+      found, open_ = state
+      (idx,) = jnp.nonzero(open_, size=cap, fill_value=total)
       sub = probe_on(1, _take(home, idx), [_take(w, idx) for w in words], _take(found, idx),
-                     idx < home.shape[0])
-      return found.at[idx].set(sub, mode="drop")
+                     idx < total)
+      return found.at[idx].set(sub, mode="drop"), open_.at[idx].set(False, mode="drop")
 
-    found = jax.lax.cond(jnp.sum(open_) <= cap, few,
-                         lambda found: probe_on(1, home, words, found, open_), found)
+    found, _ = jax.lax.while_loop(lambda st: jnp.any(st[1]), next_few, (found, open_))
     return found.reshape(shape)
