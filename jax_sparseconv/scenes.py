@@ -490,7 +490,6 @@ def spread_voxels(num_voxels: int, voxel_size: float = 0.05, seed: int = 0):
 # ---------------------------------------------------------------------------------------
 
 
-
 def cloud_stats(voxels, voxel_size):
   """Size, extent and mean number of occupied ``K=3`` neighbours of a voxel cloud.
 

@@ -95,7 +95,8 @@ def _neighbors_jnp(c_in, in_mask, in_batch, c_out, out_mask, out_batch, *, delta
   # Which candidate and which bit each query reads depends only on the output's position
   # within its block (its "phase": x, y mod 4, z mod 2) and the slot: a static table.
   phase = ((c_out[:, 0] & 3) * 4 + (c_out[:, 1] & 3)) * 2 + (c_out[:, 2] & 1)
-  code = _take(jnp.asarray(_phase_table(deltas, tuple(reach))), phase)  # (m, s)
+  phases = _phase_table(tuple(map(tuple, deltas.tolist())), tuple(reach))
+  code = _take(jnp.asarray(phases), phase)  # (m, s)
   cand_rows = _take(table.rows, cand_ids)  # (m, C, 2): the candidates' start and mask
   start, mask = (jnp.take_along_axis(cand_rows[..., i], code >> 5, axis=1) for i in (0, 1))
   pos, found = _locate(start, mask, (code & 31).astype(jnp.uint32))
@@ -132,8 +133,11 @@ def _bit_in_block(x, y, z):
 
 
 @functools.lru_cache(maxsize=None)
-def _phase_table_cached(deltas_bytes, s, reach):
-  deltas = np.frombuffer(deltas_bytes, np.int32).reshape(s, 3).astype(np.int64)
+def _phase_table(deltas, reach):
+  """int32 ``(32, S)`` for the slot offsets ``deltas`` (a tuple of ``(dx, dy, dz)``): for
+  an output at phase ``(x % 4, y % 4, z % 2)`` and slot ``s``, ``32 * candidate + bit``:
+  which of its candidate blocks the query falls in and its bit there."""
+  deltas = np.asarray(deltas, np.int64).reshape(-1, 3)
   lo_d = deltas.min(axis=0)
   phases = np.stack(np.meshgrid(np.arange(4), np.arange(4), np.arange(2), indexing="ij"), -1)
   p = phases.reshape(-1, 1, 3)  # (32, 1, 3), row = (px * 4 + py) * 2 + pz
@@ -143,14 +147,6 @@ def _phase_table_cached(deltas_bytes, s, reach):
   q = p + deltas[None]  # the query's coordinates modulo (4, 4, 2) give its bit
   bit = _bit_in_block(q[..., 0], q[..., 1], q[..., 2]).astype(np.int64)
   return (flat * 32 + bit).astype(np.int32)
-
-
-def _phase_table(deltas, reach):
-  """int32 ``(32, S)``: for an output at phase ``(x % 4, y % 4, z % 2)`` and slot ``s``,
-  ``32 * candidate + bit``: which of its candidate blocks the query falls in and its bit
-  there."""
-  d = np.ascontiguousarray(deltas, np.int32)
-  return _phase_table_cached(d.tobytes(), d.shape[0], reach)
 
 
 def _take(a, idx):
@@ -228,7 +224,8 @@ class _BlockTable:
     # Initial values vary like the keys (inside shard_map, the carry's types must match).
     slots, _, d = jax.lax.while_loop(
         lambda st: jnp.any(st[1]), insert,
-        (vma.match(jnp.full(size, n, jnp.int32), home)[0], ids < num_blocks, home * 0))
+        vma.match(jnp.full(size, n, jnp.int32), ids < num_blocks, jnp.zeros_like(home),
+                  home)[:3])
     entries = jnp.stack([slots.astype(jnp.uint32)] + [_take(k, slots) for k in keys], -1)
     return cls(jnp.stack([start, mask], -1), entries, jnp.max(d) + 1)
 
@@ -259,7 +256,8 @@ class _BlockTable:
     shape = home.shape
     home, words = home.reshape(-1), [w.reshape(-1) for w in words]
     total = home.shape[0]
-    found, open_ = probe(0, home, words, home * 0 + n, home >= 0)
+    found, open_ = probe(0, home, words, *vma.match(jnp.full(total, n, jnp.int32),
+                                                    jnp.ones(total, bool), home)[:2])
     # Most queries are answered by the entry at their hash. The others go on in a buffer
     # of an eighth of the queries at a time, each until its block or an empty entry.
     cap = max(1, total // 8)
