@@ -1,0 +1,41 @@
+"""Points on a lattice (`_src/lattice.py`): key sorting (the native radix sort against NumPy).
+"""
+
+from __future__ import annotations
+import os
+import shutil
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import jax_sparseconv as sc
+from jax_sparseconv._src import gather_matmul as gm
+from jax_sparseconv._src import backend, ffi
+from tests.helpers import lattice_cloud, rel_err, x64
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 3000])
+def test_cpu_sort_keys_matches_numpy(rng, n):
+  if jax.default_backend() != "cpu":
+    pytest.skip("the native CPU kernels run on the CPU")
+  hi = rng.integers(0, 2**30, n).astype(np.uint32)
+  lo = rng.integers(0, 2**30, n).astype(np.uint32)
+  if n > 10:
+    hi[:5] = 0xFFFFFFFF  # padding sentinels: equal keys keep their order
+    lo[:5] = 0xFFFFFFFF
+    hi[7], lo[7] = hi[8], lo[8]  # a duplicated key
+    hi[9:20] = 3  # keys that differ only in the low word
+  order = np.lexsort((np.arange(n), lo, hi))
+  for batched in (False, True):
+    if batched:  # leading batch axes, as vmap gives them
+      both = jax.vmap(ffi.cpu_sort_keys)(jnp.asarray(np.stack([hi, hi[::-1]])),
+                                             jnp.asarray(np.stack([lo, lo[::-1]])))
+      out = [o[0] for o in both]
+      second = np.lexsort((np.arange(n), lo[::-1], hi[::-1]))
+      assert np.array_equal(np.asarray(both[2][1]), second)
+    else:
+      out = ffi.cpu_sort_keys(jnp.asarray(hi), jnp.asarray(lo))
+    assert np.array_equal(np.asarray(out[2]), order)
+    assert np.array_equal(np.asarray(out[0]), hi[order])
+    assert np.array_equal(np.asarray(out[1]), lo[order])
+
