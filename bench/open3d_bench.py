@@ -4,7 +4,7 @@ Prints one JSON line per (cloud, N, workload, C): median ms of the radius search
 (Open3D's FixedRadiusSearch with the L-inf metric and radius 0.51*K*vs, hash table
 included), the layer forward and the layer forward + backward (feats and kernel), and
 the fingerprint of the cloud it generated (``bench/run.py`` checks that both sides
-measured the same clouds). The clouds come from ``jax_sparseconv/scenes.py``, loaded by
+measured the same clouds). The clouds come from ``jax_sparseconv/scenes/``, loaded by
 file path (it does not import jax), with the same generator, seed and size.
 
 ``--channels`` is a list for every cloud (``32,64``) or per cloud
@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import pathlib
+import sys
 import time
 
 import numpy as np
@@ -23,8 +24,11 @@ import open3d.ml.torch as ml3d
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("scenes", ROOT / "jax_sparseconv" / "scenes.py")
+_pkg = ROOT / "jax_sparseconv" / "scenes"
+_spec = importlib.util.spec_from_file_location("scenes", _pkg / "__init__.py",
+                                               submodule_search_locations=[str(_pkg)])
 scenes = importlib.util.module_from_spec(_spec)
+sys.modules["scenes"] = scenes
 _spec.loader.exec_module(scenes)  # the same scene generators, without importing jax
 
 

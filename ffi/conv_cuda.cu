@@ -13,6 +13,13 @@
 // fixed order (slots, then channels; the kernel gradient over fixed row partitions,
 // then the partials in partition order), so results are bitwise reproducible.
 //
+// Kernels: float32 / float64 on the CUDA cores (SIMT, 4 x 4 outputs a thread), float16 and
+// bfloat16 on the tensor cores (WMMA 16x16x16, float32 accumulation), both ops. bfloat16
+// has no tensor cores below compute capability 8.0: which body a bf16 kernel runs is
+// decided by the code the GPU runs (nvcc's __CUDA_ARCH__: the sm_75 image holds the SIMT
+// body, sm_80 and newer the WMMA one), not by a runtime query of the device, so the
+// handlers make no runtime call but the launch check (capture-safe).
+//
 // Memory traffic: a gather-matmul block copies its tile's block of the neighbour map
 // (64 rows x up to 32 slots, contiguous when S <= 32) to shared memory once, with a flag
 // per slot that any row has a neighbour there (slots without one are skipped); the
@@ -20,92 +27,42 @@
 // its elements into registers first (a fixed, unrolled count per thread, all loads in
 // flight), then stores them to shared memory. The column tiles of one row tile are
 // neighbouring blocks, so the second gather of the same rows hits the cache. The
-// tensor-core kernel keeps the weight tile transposed (a column-major B operand) and
-// loads bf16 tiles with the .shared PTX load (ldmatrix, as for fp16).
-#ifdef __CUDACC__
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#include <mma.h>
-
-#include <atomic>
-using jsc_stream_t = cudaStream_t;
-#define JSC_LAUNCH(kernel, grid, block, stream, ...) \
-  kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
-#define JSC_CHECK_LAUNCH() ::jsc::launch_error()
-#define JSC_SHARED(type, name, dims) __shared__ type name dims
-// The handlers take XLA's stream, and only enqueue kernels on it (no host synchronisation,
-// no allocation), so XLA may record them into command buffers (CUDA graphs).
-#define JSC_BIND() ::xla::ffi::Ffi::Bind().Ctx<::xla::ffi::PlatformStream<cudaStream_t>>()
-#define JSC_DEFINE_HANDLER(fn, impl, binding)                  \
-  XLA_FFI_DEFINE_HANDLER_EXPLICIT_WITH_TRAITS(fn, impl, binding, \
-                                              {::xla::ffi::Traits::kCmdBufferCompatible})
-#define JSC_STREAM_PARAM cudaStream_t stream,
-#else
-#include "cuda_host_shim.h"
-// The host build has no stream.
-#define JSC_BIND() ::xla::ffi::Ffi::Bind()
-#define JSC_DEFINE_HANDLER(fn, impl, binding) XLA_FFI_DEFINE_HANDLER(fn, impl, binding)
-#define JSC_STREAM_PARAM
-static constexpr jsc_stream_t stream = 0;
-#endif
-
+// tensor-core kernels copy whole rows: 8 half elements (16 bytes) a thread, one 16-byte
+// load when the row length is a multiple of 8 (Cin for the gathered rows, Cout for the
+// weights and the cotangent) and the buffer 16-byte aligned, else eight 2-byte loads; the
+// shared-memory stores are 16 bytes either way, and no tile is transposed on the way (the
+// kernel gradient reads its gathered rows as a column-major A operand). bf16 tiles are
+// loaded with the .shared PTX load (ldmatrix, as nvcc does for fp16).
 #include <cstdint>
 #include <cstdio>
 #include <string>
 #include <type_traits>
 
-#include "common.h"
-#include "xla/ffi/api/ffi.h"
+#include "cuda_common.h"
 
 namespace jsc {
 
-#ifdef __CUDACC__
-inline const char* launch_error() {
-  cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
-}
-
-// Compute capability (major * 10 + minor) of the device that runs `stream`, queried once
-// per device (queries only: allowed while XLA captures the stream into a CUDA graph).
-inline int compute_capability(cudaStream_t stream) {
-  constexpr int kDevices = 64;
-  static std::atomic<int> known[kDevices] = {};
-  int dev = 0;
-  if (cudaStreamGetDevice(stream, &dev) != cudaSuccess && cudaGetDevice(&dev) != cudaSuccess) {
-    cudaGetLastError();  // a failed query is not the launch's error
-    return 0;
-  }
-  const int cached = dev >= 0 && dev < kDevices ? known[dev].load(std::memory_order_relaxed) : 0;
-  if (cached != 0) return cached;
-  int major = 0, minor = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  if (dev >= 0 && dev < kDevices) known[dev].store(major * 10 + minor, std::memory_order_relaxed);
-  return major * 10 + minor;
-}
-#else
-inline int compute_capability(jsc_stream_t) { return jsc_shim::compute_capability(); }
-#endif
-
 // bfloat16 WMMA needs compute capability 8.0. Device code compiled for an older GPU
-// (sm_75) leaves the bf16 tensor-core kernel empty, and the launch picks the CUDA-core
-// kernel for bf16 on such a GPU instead (float32 accumulation, the same results).
+// (sm_75) runs the bf16 kernels on the CUDA cores (float32 accumulation, the same results);
+// device code for 8.0 and newer on the tensor cores. The host build decides per launch
+// from $JSC_SHIM_CC (jsc_shim::device_cc()).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 constexpr bool kArchHasBf16Mma = false;
 #else
 constexpr bool kArchHasBf16Mma = true;
 #endif
-constexpr int kMinCcBf16Mma = 80;
-// ... and device code for 8.0 and newer never runs bf16 on the CUDA cores.
+#ifndef __CUDACC__
+constexpr int kMinCcBf16Mma = 80;  // the host build's choice (jsc_shim::device_cc())
+#endif
+// Device code for 8.0 and newer (loads bf16 tiles with the .shared PTX load).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 constexpr bool kDeviceHasBf16Mma = true;
 #else
 constexpr bool kDeviceHasBf16Mma = false;
 #endif
+
+template <class T>
+constexpr bool kIsHalf = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
 
 // ---------------------------------------------------------------- per-thread helpers
 template <class T>
@@ -127,28 +84,31 @@ __host__ __device__ inline void store(double* p, double v) { *p = v; }
 __host__ __device__ inline void store(__half* p, float v) { *p = __float2half(v); }
 __host__ __device__ inline void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
 
+__device__ inline uint32_t bits16(__half v) { return __half_as_ushort(v); }
+__device__ inline uint32_t bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+
 // Tile sizes: a block owns BM output rows x BN output channels (SIMT: 256 threads,
 // 4x4 each, strided by 16 so shared-memory reads are conflict free).
 constexpr int kThreads = 256;
 constexpr int BM = 64;
 constexpr int BN = 64;
 constexpr int BK = 16;        // reduction step of the SIMT kernels
-constexpr int HBK = 32;       // reduction step of the tensor-core kernel
+constexpr int HBK = 32;       // reduction step of the tensor-core kernels
 constexpr int SC = 32;        // slots of the gather-matmul's neighbour block in shared memory
 constexpr int KG_ROWS = kThreads;  // rows of the kernel gradient's neighbour batch
 constexpr int LDA = BM + 1;   // k-major A tile, padded against bank conflicts
 constexpr int LDH = HBK + 8;  // row-major half A tile xs[r][k] (WMMA: multiple of 8)
-constexpr int LDW = HBK + 8;  // half B tile stored transposed, wt[c][k]: B column-major
+constexpr int LDB = BN + 8;   // row-major half B tile ws[k][c]; the kernel gradient's tiles
 constexpr int LDC = BN + 4;   // float staging of the accumulators
-constexpr int64_t kMaxGridZ = 65535;  // CUDA's limit on gridDim.z (and .y)
-constexpr int64_t kMaxGridX = 2147483647;  // and on gridDim.x
+constexpr int kVec = 8;       // half elements in 16 bytes
 // Elements each thread copies per tile (loaded into registers first, all in flight, then
 // stored to shared memory).
 constexpr int kNbrPerThread = BM * SC / kThreads;  // neighbour block
 constexpr int kXPerThread = BM * BK / kThreads;    // SIMT gather / kernel-gradient gather
 constexpr int kWPerThread = BK * BN / kThreads;    // SIMT weights / kernel-gradient cotangent
-constexpr int kHxPerThread = BM * HBK / kThreads;  // tensor-core gather
-constexpr int kHwPerThread = HBK * BN / kThreads;  // tensor-core weights
+// Flags of the launch: which tiles may be copied with 16-byte loads.
+constexpr unsigned kVecX = 1;  // x's rows (Cin % 8 == 0, x 16-byte aligned)
+constexpr unsigned kVecB = 2;  // w's rows (forward) / ct's rows (kernel gradient): Cout % 8 == 0
 
 // What the indexing below assumes of the tile constants (checked for both builds).
 static_assert(kThreads == 256 && BM * BN == kThreads * 16, "SIMT: 4 x 4 outputs per thread");
@@ -156,28 +116,22 @@ static_assert(BM == 4 * 16 && BN == 4 * 16, "SIMT: thread (tr, tc) owns rows tr 
 static_assert(kThreads / 32 == (BM / 16) * (BN / 32), "WMMA: 8 warps own 16 x 32 each");
 static_assert(HBK % 16 == 0 && BK % 4 == 0, "reduction steps: whole WMMA k-steps");
 static_assert((BM * BK) % kThreads == 0 && (BK * BN) % kThreads == 0 &&
-                  (BM * HBK) % kThreads == 0 && (HBK * BN) % kThreads == 0 &&
                   (BM * SC) % kThreads == 0,
               "tile copies: a whole number of elements per thread");
-static_assert(kThreads % BK == 0 && kThreads % HBK == 0 && kThreads % BM == 0 &&
-                  kThreads % BN == 0, "tile copies: each thread keeps one column");
-static_assert(SC <= 32 && KG_ROWS == kThreads && KG_ROWS / BK <= 32,
+static_assert(BM * HBK == kVec * kThreads && HBK * BN == kVec * kThreads && BM == BN,
+              "tensor-core tile copies: one 16-byte row piece per thread");
+static_assert(kThreads % BK == 0 && kThreads % BM == 0 && kThreads % BN == 0,
+              "tile copies: each thread keeps one column");
+static_assert(SC <= 32 && KG_ROWS == kThreads && KG_ROWS / BK <= 32 && KG_ROWS % HBK == 0,
               "neighbour blocks: one warp scans the slots / row groups, one row per thread");
 // WMMA: ldm a multiple of 16 bytes (8 half / 4 float elements), and every fragment
-// pointer 32-byte aligned: row offsets of 16 rows and column offsets of 16 elements.
-static_assert(LDH % 8 == 0 && LDW % 8 == 0 && LDC % 4 == 0, "WMMA ldm: multiple of 16 bytes");
-static_assert((16 * LDH * 2) % 32 == 0 && (16 * LDW * 2) % 32 == 0 &&
+// pointer 32-byte aligned: row offsets of 16 rows and column offsets of 16 elements; the
+// 16-byte tile stores need rows of a multiple of 16 bytes.
+static_assert(LDH % 8 == 0 && LDB % 8 == 0 && LDC % 4 == 0, "WMMA ldm: multiple of 16 bytes");
+static_assert((16 * LDH * 2) % 32 == 0 && (16 * LDB * 2) % 32 == 0 &&
                   (16 * LDC * 4) % 32 == 0 && (16 * 2) % 32 == 0,
               "WMMA fragment pointers stay 32-byte aligned");
-static_assert(LDH >= HBK && LDW >= HBK && LDC >= BN, "padded rows hold the tile");
-
-#ifdef __CUDACC__
-#define JSC_UNROLL _Pragma("unroll")
-#define JSC_UNROLL_4 _Pragma("unroll 4")
-#else
-#define JSC_UNROLL
-#define JSC_UNROLL_4
-#endif
+static_assert(LDH >= HBK && LDB >= BN && LDC >= BN, "padded rows hold the tile");
 
 template <class T>
 __host__ __device__ inline T from_float(float v) {
@@ -192,6 +146,28 @@ __host__ __device__ inline int32_t neighbour(const int32_t* __restrict__ nbr, in
   if (row >= rows) return -1;
   const int32_t j = nbr[row * num_slots + s];
   return (j >= 0 && j < n) ? j : -1;
+}
+
+// 8 half elements p[0, count) (zero from `count` on) as 16 bytes, by 2-byte loads: the
+// copy of a row piece that a 16-byte load cannot take (unaligned, or the row's end).
+template <class T>
+__device__ inline uint4 pack8(const T* p, int count) {
+  uint32_t v[4];
+  JSC_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t lo = 2 * i < count ? bits16(p[2 * i]) : 0u;
+    const uint32_t hi = 2 * i + 1 < count ? bits16(p[2 * i + 1]) : 0u;
+    v[i] = lo | hi << 16;
+  }
+  return uint4{v[0], v[1], v[2], v[3]};
+}
+
+// The 8 elements of a row at p: `avail` of them exist (<= 0: none); 16-byte load when
+// `vec` (then p is 16-byte aligned and all 8 exist or none).
+template <class T>
+__device__ inline uint4 row_piece(const T* p, int avail, bool vec) {
+  if (avail <= 0) return uint4{0u, 0u, 0u, 0u};
+  return vec ? ld16(p) : pack8(p, avail);
 }
 
 // The gather-matmul tile's neighbour block, once per tile (per SC slots): nbrs[r * SC + t]
@@ -240,132 +216,84 @@ __host__ __device__ inline void fma_tile(const A* a, const A* b, int tr, int tc,
 
 // ---------------------------------------------------------------- gather-matmul, SIMT
 // float32 and float64 (and bfloat16 below compute capability 8.0).
-// grid (ceil(M / BM) * ceil(Cout / BN)).
-// Register caps (ptxas -v: no spills): float32 5 blocks per SM (48 registers; 4 on a 7.5
-// GPU, which holds 1024 threads per SM); float64: 3 would spill.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 750
-constexpr int kSimtBlocksPerSm = 4;
-#else
-constexpr int kSimtBlocksPerSm = 5;
-#endif
 template <class T>
-struct SimtBlocksPerSm {
-  static constexpr int value = kSimtBlocksPerSm;
-};
-template <>
-struct SimtBlocksPerSm<double> {
-  static constexpr int value = 0;  // no minimum: ptxas picks 75-96 registers, no spills
-};
-
-template <class T>
-__global__ void __launch_bounds__(kThreads, SimtBlocksPerSm<T>::value)
-    gather_matmul_simt(const T* __restrict__ x, const T* __restrict__ w,
-                       const int32_t* __restrict__ nbr, T* __restrict__ y, int64_t n, int64_t m,
-                       int num_slots, int cin, int cout, int col_tiles) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value && kDeviceHasBf16Mma) {
-    __trap();  // not launched: from compute capability 8.0 on, bf16 runs gather_matmul_mma
-  } else {
-    using A = typename Acc<T>::type;
-    JSC_SHARED(int32_t, nbrs, [BM * SC]);
-    JSC_SHARED(int32_t, present, [SC]);
-    JSC_SHARED(A, xs, [BK * LDA]);
-    JSC_SHARED(A, ws, [BK * BN]);
-    const int tid = threadIdx.x, tr = tid / 16, tc = tid % 16;
-    // This thread's elements of the tile copies: row xr + 16 i, column xk of the gather;
-    // row wk + 4 i, column wc of the weights (constant strides: no per-element indices).
-    const int xr = tid / BK, xk = tid % BK, wk = tid / BN, wc = tid % BN;
-    const int64_t m0 = int64_t(blockIdx.x / unsigned(col_tiles)) * BM;
-    const int n0 = int(blockIdx.x % unsigned(col_tiles)) * BN;
-    A acc[4][4];
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
-    for (int s0 = 0; s0 < num_slots; s0 += SC) {
-      const int sc = num_slots - s0 < SC ? num_slots - s0 : SC;
-      if (!load_neighbours(nbrs, present, nbr, m0, m, s0, sc, num_slots, n, tid)) continue;
-      for (int t = 0; t < sc; ++t) {
-        if (!present[t]) continue;  // no row of the tile has a neighbour at this slot
-        const T* ws_src = w + int64_t(s0 + t) * cin * cout;
-        for (int k0 = 0; k0 < cin; k0 += BK) {
-          A xv[kXPerThread], wv[kWPerThread];
-          JSC_UNROLL
-          for (int i = 0; i < kXPerThread; ++i) {  // the gather: reused by all BN columns
-            const int32_t j = nbrs[(xr + i * (kThreads / BK)) * SC + t];
-            xv[i] = (j >= 0 && k0 + xk < cin) ? load_acc(x[int64_t(j) * cin + k0 + xk]) : A(0);
-          }
-          JSC_UNROLL
-          for (int i = 0; i < kWPerThread; ++i) {
-            const int k = wk + i * (kThreads / BN);
-            wv[i] = (k0 + k < cin && n0 + wc < cout)
-                        ? load_acc(ws_src[int64_t(k0 + k) * cout + n0 + wc]) : A(0);
-          }
-          JSC_UNROLL
-          for (int i = 0; i < kXPerThread; ++i) xs[xk * LDA + xr + i * (kThreads / BK)] = xv[i];
-          JSC_UNROLL
-          for (int i = 0; i < kWPerThread; ++i) ws[tid + i * kThreads] = wv[i];  // ws[wk + 4 i][wc]
-          __syncthreads();
-          fma_tile(xs, ws, tr, tc, acc);
-          __syncthreads();
+__device__ inline void gather_matmul_simt(const T* __restrict__ x, const T* __restrict__ w,
+                                          const int32_t* __restrict__ nbr, T* __restrict__ y,
+                                          int64_t n, int64_t m, int num_slots, int cin,
+                                          int cout, int col_tiles) {
+  using A = typename Acc<T>::type;
+  JSC_SHARED(int32_t, nbrs, [BM * SC]);
+  JSC_SHARED(int32_t, present, [SC]);
+  JSC_SHARED(A, xs, [BK * LDA]);
+  JSC_SHARED(A, ws, [BK * BN]);
+  const int tid = threadIdx.x, tr = tid / 16, tc = tid % 16;
+  // This thread's elements of the tile copies: row xr + 16 i, column xk of the gather;
+  // row wk + 4 i, column wc of the weights (constant strides: no per-element indices).
+  const int xr = tid / BK, xk = tid % BK, wk = tid / BN, wc = tid % BN;
+  const int64_t m0 = int64_t(blockIdx.x / unsigned(col_tiles)) * BM;
+  const int n0 = int(blockIdx.x % unsigned(col_tiles)) * BN;
+  A acc[4][4];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
+  for (int s0 = 0; s0 < num_slots; s0 += SC) {
+    const int sc = num_slots - s0 < SC ? num_slots - s0 : SC;
+    if (!load_neighbours(nbrs, present, nbr, m0, m, s0, sc, num_slots, n, tid)) continue;
+    for (int t = 0; t < sc; ++t) {
+      if (!present[t]) continue;  // no row of the tile has a neighbour at this slot
+      const T* ws_src = w + int64_t(s0 + t) * cin * cout;
+      for (int k0 = 0; k0 < cin; k0 += BK) {
+        A xv[kXPerThread], wv[kWPerThread];
+        JSC_UNROLL
+        for (int i = 0; i < kXPerThread; ++i) {  // the gather: reused by all BN columns
+          const int32_t j = nbrs[(xr + i * (kThreads / BK)) * SC + t];
+          xv[i] = (j >= 0 && k0 + xk < cin) ? load_acc(x[int64_t(j) * cin + k0 + xk]) : A(0);
         }
+        JSC_UNROLL
+        for (int i = 0; i < kWPerThread; ++i) {
+          const int k = wk + i * (kThreads / BN);
+          wv[i] = (k0 + k < cin && n0 + wc < cout)
+                      ? load_acc(ws_src[int64_t(k0 + k) * cout + n0 + wc]) : A(0);
+        }
+        JSC_UNROLL
+        for (int i = 0; i < kXPerThread; ++i) xs[xk * LDA + xr + i * (kThreads / BK)] = xv[i];
+        JSC_UNROLL
+        for (int i = 0; i < kWPerThread; ++i) ws[tid + i * kThreads] = wv[i];  // ws[wk + 4 i][wc]
+        __syncthreads();
+        fma_tile(xs, ws, tr, tc, acc);
+        __syncthreads();
       }
     }
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) {
-        const int64_t r = m0 + tr + 16 * i;
-        const int c = n0 + tc + 16 * j;
-        if (r < m && c < cout) store(&y[r * cout + c], acc[i][j]);
-      }
   }
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const int64_t r = m0 + tr + 16 * i;
+      const int c = n0 + tc + 16 * j;
+      if (r < m && c < cout) store(&y[r * cout + c], acc[i][j]);
+    }
 }
 
-// ---------------------------------------------------------------- gather-matmul, tensor cores
-// float16 / bfloat16 inputs, float32 accumulation (WMMA 16x16x16). 8 warps: warp w owns
-// rows 16 (w / 2) and columns 32 (w % 2) + [0, 32) of the block's 64 x 64 tile. The A tile
-// (gathered rows) is row-major, the weight tile is stored transposed and read as a
-// column-major B (the layout the tensor-core loads take without transposing).
-// grid (ceil(M / BM) * ceil(Cout / BN)).
-// Shared memory of the tensor-core kernel: the accumulators' float staging (used after
-// the main loop only) shares its bytes with the A and B tiles: 25 KiB, so that 2 blocks fit
-// a 7.5 GPU's 64 KiB and 4 an 8.0's.
-template <class T>
-struct MmaShared {
-  union {
-    struct {
-      T xs[BM * LDH];  // xs[r][k]: the gathered rows
-      T wt[BN * LDW];  // wt[c][k]: the weight tile, transposed
-    } in;
-    float cs[BM * LDC];  // cs[r][c]: the accumulators
-  } u;
-  int32_t nbrs[BM * SC];
-  int32_t present[SC];
-};
-static_assert((BM * LDH * 2) % 32 == 0, "MmaShared: wt stays 32-byte aligned");
-
+// ---------------------------------------------------------------- tensor-core tile loads
 // WMMA tile loads from shared memory. nvcc's load_matrix_sync for bf16 takes a generic
 // address (LD instructions, not LDS/LDSM as for fp16); the PTX it stands for, with the
 // .shared state space spelled out, does not.
 #if defined(__CUDACC__) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-__device__ inline void load_shared_bf16(
-    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __nv_bfloat16,
-                           nvcuda::wmma::row_major>& f,
-    const __nv_bfloat16* p, unsigned ldm) {
-  unsigned* r = reinterpret_cast<unsigned*>(f.x);
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a), "r"(ldm)
-               : "memory");
-}
-__device__ inline void load_shared_bf16(
-    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16,
-                           nvcuda::wmma::col_major>& f,
-    const __nv_bfloat16* p, unsigned ldm) {
-  unsigned* r = reinterpret_cast<unsigned*>(f.x);
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a), "r"(ldm)
-               : "memory");
-}
+#define JSC_BF16_SHARED_LOAD(USE, LAYOUT, FRAG_USE, FRAG_LAYOUT)                              \
+  __device__ inline void load_shared_bf16(                                                  \
+      nvcuda::wmma::fragment<nvcuda::wmma::FRAG_USE, 16, 16, 16, __nv_bfloat16,              \
+                             nvcuda::wmma::FRAG_LAYOUT>& f,                                  \
+      const __nv_bfloat16* p, unsigned ldm) {                                                \
+    unsigned* r = reinterpret_cast<unsigned*>(f.x);                                          \
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));                   \
+    asm volatile("wmma.load." USE ".sync.aligned." LAYOUT                                    \
+                 ".m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"                       \
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                            \
+                 : "r"(a), "r"(ldm)                                                          \
+                 : "memory");                                                                \
+  }
+JSC_BF16_SHARED_LOAD("a", "row", matrix_a, row_major)  // the forward's gathered rows
+JSC_BF16_SHARED_LOAD("a", "col", matrix_a, col_major)  // the kernel gradient's, transposed
+JSC_BF16_SHARED_LOAD("b", "row", matrix_b, row_major)  // weights / cotangent rows
+#undef JSC_BF16_SHARED_LOAD
 #endif
 
 template <class T, class Frag>
@@ -377,105 +305,170 @@ __device__ inline void load_tile(Frag& f, const T* p, unsigned ldm) {
   }
 }
 
-// 4 blocks per SM: 64 registers, no spills (ptxas -v).
-constexpr int kMmaBlocksPerSm = 4;
+// ---------------------------------------------------------------- gather-matmul, tensor cores
+// float16 / bfloat16 inputs, float32 accumulation (WMMA 16x16x16). 8 warps: warp w owns
+// rows 16 (w / 2) and columns 32 (w % 2) + [0, 32) of the block's 64 x 64 tile. Both tiles
+// are row-major: the gathered rows xs[r][k] (A) and the weights ws[k][c] (B), each copied
+// a 16-byte row piece per thread.
+// Shared memory: the accumulators' float staging (used after the main loop only) shares
+// its bytes with the A and B tiles: 25 KiB, so that 2 blocks fit a 7.5 GPU's 64 KiB and 4
+// an 8.0's.
 template <class T>
-__global__ void __launch_bounds__(kThreads, kMmaBlocksPerSm)
-    gather_matmul_mma(const T* __restrict__ x, const T* __restrict__ w,
-                      const int32_t* __restrict__ nbr, T* __restrict__ y, int64_t n, int64_t m,
-                      int num_slots, int cin, int cout, int col_tiles) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value && !kArchHasBf16Mma) {
-    __trap();  // not launched: below compute capability 8.0, bf16 runs gather_matmul_simt
-  } else {
-    namespace wmma = nvcuda::wmma;
-    JSC_SHARED(__align__(32) MmaShared<T>, sm, );
-    T* const xs = sm.u.in.xs;
-    T* const wt = sm.u.in.wt;
-    float* const cs = sm.u.cs;
-    int32_t* const nbrs = sm.nbrs;
-    int32_t* const present = sm.present;
-    const int tid = threadIdx.x, warp = tid / 32, wr = warp / 2, wc = warp % 2;
-    // This thread's elements of the tile copies: row xr + 8 i, column xk of the gather;
-    // row (k) bk + 4 i, column bc of the weights.
-    const int xr = tid / HBK, xk = tid % HBK, bk = tid / BN, bc = tid % BN;
-    const int64_t m0 = int64_t(blockIdx.x / unsigned(col_tiles)) * BM;
-    const int n0 = int(blockIdx.x % unsigned(col_tiles)) * BN;
-    const T zero = from_float<T>(0.0f);
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[j], 0.0f);
-    for (int s0 = 0; s0 < num_slots; s0 += SC) {
-      const int sc = num_slots - s0 < SC ? num_slots - s0 : SC;
-      if (!load_neighbours(nbrs, present, nbr, m0, m, s0, sc, num_slots, n, tid)) continue;
-      for (int t = 0; t < sc; ++t) {
-        if (!present[t]) continue;
-        const T* ws_src = w + int64_t(s0 + t) * cin * cout;
-        for (int k0 = 0; k0 < cin; k0 += HBK) {
-          T xv[kHxPerThread], wv[kHwPerThread];
+struct MmaShared {
+  union {
+    struct {
+      T xs[BM * LDH];   // xs[r][k]: the gathered rows
+      T ws[HBK * LDB];  // ws[k][c]: the weight tile
+    } in;
+    float cs[BM * LDC];  // cs[r][c]: the accumulators
+  } u;
+  int32_t nbrs[BM * SC];
+  int32_t present[SC];
+};
+static_assert((BM * LDH * 2) % 32 == 0, "MmaShared: ws stays 32-byte aligned");
+
+template <class T, bool vec_x, bool vec_w>
+__device__ inline void gather_matmul_mma_body(MmaShared<T>& sm, const T* __restrict__ x,
+                                              const T* __restrict__ w,
+                                              const int32_t* __restrict__ nbr,
+                                              T* __restrict__ y, int64_t n, int64_t m,
+                                              int num_slots, int cin, int cout, int col_tiles) {
+  namespace wmma = nvcuda::wmma;
+  T* const xs = sm.u.in.xs;
+  T* const ws = sm.u.in.ws;
+  float* const cs = sm.u.cs;
+  int32_t* const nbrs = sm.nbrs;
+  int32_t* const present = sm.present;
+  const int tid = threadIdx.x, warp = tid / 32, wr = warp / 2, wc = warp % 2;
+  // This thread's row pieces: elements [8 gq, 8 gq + 8) of gathered row gr; elements
+  // [8 wq, 8 wq + 8) of weight row wk.
+  const int gr = tid / (HBK / kVec), gq = tid % (HBK / kVec);
+  const int wk = tid / (BN / kVec), wq = tid % (BN / kVec);
+  const int64_t m0 = int64_t(blockIdx.x / unsigned(col_tiles)) * BM;
+  const int n0 = int(blockIdx.x % unsigned(col_tiles)) * BN;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+  for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[j], 0.0f);
+  for (int s0 = 0; s0 < num_slots; s0 += SC) {
+    const int sc = num_slots - s0 < SC ? num_slots - s0 : SC;
+    if (!load_neighbours(nbrs, present, nbr, m0, m, s0, sc, num_slots, n, tid)) continue;
+    for (int t = 0; t < sc; ++t) {
+      if (!present[t]) continue;
+      const int32_t j = nbrs[gr * SC + t];
+      // This thread's pieces of the k0 = 0 tiles (the pointers step HBK columns / rows); what
+      // is left of their rows (<= 0: nothing).
+      const T* xp = x + int64_t(j < 0 ? 0 : j) * cin + gq * kVec;
+      const T* wp = w + (int64_t(s0 + t) * cin + wk) * cout + n0 + wq * kVec;
+      const int x_left = j >= 0 ? cin - gq * kVec : 0, w_left = cout - n0 - wq * kVec;
+      for (int k0 = 0; k0 < cin; k0 += HBK, xp += HBK, wp += int64_t(HBK) * cout) {
+        const uint4 xv = row_piece(xp, x_left - k0, vec_x);
+        const uint4 wv = row_piece(wp, k0 + wk < cin ? w_left : 0, vec_w);
+        st16(xs + gr * LDH + gq * kVec, xv);
+        st16(ws + wk * LDB + wq * kVec, wv);
+        __syncthreads();
+        JSC_UNROLL
+        for (int k = 0; k < HBK; k += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+          load_tile(a, xs + wr * 16 * LDH + k, LDH);
           JSC_UNROLL
-          for (int i = 0; i < kHxPerThread; ++i) {
-            const int32_t j = nbrs[(xr + i * (kThreads / HBK)) * SC + t];
-            xv[i] = (j >= 0 && k0 + xk < cin) ? x[int64_t(j) * cin + k0 + xk] : zero;
+          for (int jj = 0; jj < 2; ++jj) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+            load_tile(b, ws + k * LDB + wc * 32 + jj * 16, LDB);
+            wmma::mma_sync(acc[jj], a, b, acc[jj]);
           }
-          JSC_UNROLL
-          for (int i = 0; i < kHwPerThread; ++i) {
-            const int k = bk + i * (kThreads / BN);
-            wv[i] = (k0 + k < cin && n0 + bc < cout) ? ws_src[int64_t(k0 + k) * cout + n0 + bc]
-                                                     : zero;
-          }
-          JSC_UNROLL
-          for (int i = 0; i < kHxPerThread; ++i) xs[(xr + i * (kThreads / HBK)) * LDH + xk] = xv[i];
-          JSC_UNROLL
-          for (int i = 0; i < kHwPerThread; ++i) {
-            wt[bc * LDW + bk + i * (kThreads / BN)] = wv[i];  // transposed: wt[c][k]
-          }
-          __syncthreads();
-          JSC_UNROLL
-          for (int k = 0; k < HBK; k += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-            load_tile(a, xs + wr * 16 * LDH + k, LDH);
-            JSC_UNROLL
-            for (int j = 0; j < 2; ++j) {
-              wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-              load_tile(b, wt + (wc * 32 + j * 16) * LDW + k, LDW);
-              wmma::mma_sync(acc[j], a, b, acc[j]);
-            }
-          }
-          __syncthreads();
         }
+        __syncthreads();
       }
     }
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(cs + wr * 16 * LDC + wc * 32 + j * 16, acc[j], LDC,
-                              wmma::mem_row_major);
-    __syncthreads();
-    for (int e = tid; e < BM * BN; e += kThreads) {
-      const int r = e / BN, c = e % BN;
-      if (m0 + r < m && n0 + c < cout) store(&y[(m0 + r) * cout + n0 + c], cs[r * LDC + c]);
-    }
+  }
+  for (int j = 0; j < 2; ++j)
+    wmma::store_matrix_sync(cs + wr * 16 * LDC + wc * 32 + j * 16, acc[j], LDC,
+                            wmma::mem_row_major);
+  __syncthreads();
+  for (int e = tid; e < BM * BN; e += kThreads) {
+    const int r = e / BN, c = e % BN;
+    if (m0 + r < m && n0 + c < cout) store(&y[(m0 + r) * cout + n0 + c], cs[r * LDC + c]);
   }
 }
 
-// ---------------------------------------------------------------- kernel gradient
-// Partial sums over fixed row partitions: grid (ceil(Cin / BM), ceil(Cout / BN), S * P),
-// part[p, s] = sum over rows of partition p of x[nbr[m, s]]^T ct[m]. The neighbours of
-// KG_ROWS rows at a time come to shared memory in one read (a thread each), with a flag
-// per BK-row group that has any. Register cap: 4 blocks per SM (what ffi.num_partitions
-// assumes) at 64 registers, without spills; float64 needs more (2 blocks).
+// The body for the launch's copy flags (a variant each: no flag in the loop).
 template <class T>
-struct KernelGradBlocksPerSm {
-  static constexpr int value = 4;
+__device__ inline void gather_matmul_mma(const T* __restrict__ x, const T* __restrict__ w,
+                                         const int32_t* __restrict__ nbr, T* __restrict__ y,
+                                         int64_t n, int64_t m, int num_slots, int cin, int cout,
+                                         int col_tiles, unsigned vec) {
+  JSC_SHARED(__align__(32) MmaShared<T>, sm, );
+  switch (vec & (kVecX | kVecB)) {
+    case kVecX | kVecB:
+      return gather_matmul_mma_body<T, true, true>(sm, x, w, nbr, y, n, m, num_slots, cin,
+                                                   cout, col_tiles);
+    case kVecX:
+      return gather_matmul_mma_body<T, true, false>(sm, x, w, nbr, y, n, m, num_slots, cin,
+                                                    cout, col_tiles);
+    case kVecB:
+      return gather_matmul_mma_body<T, false, true>(sm, x, w, nbr, y, n, m, num_slots, cin,
+                                                    cout, col_tiles);
+    default:
+      return gather_matmul_mma_body<T, false, false>(sm, x, w, nbr, y, n, m, num_slots, cin,
+                                                     cout, col_tiles);
+  }
+}
+
+// ---------------------------------------------------------------- gather-matmul kernel
+// grid (ceil(M / BM) * ceil(Cout / BN)), kThreads threads. Register caps (ptxas -v: no
+// spills): float32 5 blocks per SM (48 registers; 4 on a 7.5 GPU, which holds 1024 threads
+// per SM); float64: 3 would spill; tensor cores 4 (64 registers).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 750
+constexpr int kSimtBlocksPerSm = 4;
+#else
+constexpr int kSimtBlocksPerSm = 5;
+#endif
+constexpr int kMmaBlocksPerSm = 4;
+template <class T>
+struct GatherBlocksPerSm {
+  static constexpr int value = kIsHalf<T> ? kMmaBlocksPerSm : kSimtBlocksPerSm;
 };
 template <>
-struct KernelGradBlocksPerSm<double> {
-  static constexpr int value = 2;
+struct GatherBlocksPerSm<double> {
+  static constexpr int value = 0;  // no minimum: ptxas picks 75-96 registers, no spills
 };
 
 template <class T>
-__global__ void __launch_bounds__(kThreads, KernelGradBlocksPerSm<T>::value)
-    kernel_grad_partial(const T* __restrict__ x, const T* __restrict__ ct,
-                        const int32_t* __restrict__ nbr,
-                        typename Acc<T>::type* __restrict__ part, int64_t n, int64_t m,
-                        int num_slots, int cin, int cout, int parts) {
+__global__ void __launch_bounds__(kThreads, GatherBlocksPerSm<T>::value)
+    gather_matmul_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                         const int32_t* __restrict__ nbr, T* __restrict__ y, int64_t n,
+                         int64_t m, int num_slots, int cin, int cout, int col_tiles,
+                         unsigned vec) {
+  if constexpr (std::is_same<T, __half>::value) {
+    gather_matmul_mma(x, w, nbr, y, n, m, num_slots, cin, cout, col_tiles, vec);
+  } else if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+#ifdef __CUDACC__
+    if constexpr (kArchHasBf16Mma) {
+      gather_matmul_mma(x, w, nbr, y, n, m, num_slots, cin, cout, col_tiles, vec);
+    } else {
+      gather_matmul_simt(x, w, nbr, y, n, m, num_slots, cin, cout, col_tiles);
+    }
+#else
+    if (jsc_shim::device_cc() >= kMinCcBf16Mma) {
+      gather_matmul_mma(x, w, nbr, y, n, m, num_slots, cin, cout, col_tiles, vec);
+    } else {
+      gather_matmul_simt(x, w, nbr, y, n, m, num_slots, cin, cout, col_tiles);
+    }
+#endif
+  } else {
+    gather_matmul_simt(x, w, nbr, y, n, m, num_slots, cin, cout, col_tiles);
+  }
+}
+
+// ---------------------------------------------------------------- kernel gradient, SIMT
+// Partial sums over fixed row partitions: grid (ceil(Cin / BM), ceil(Cout / BN), S * P),
+// part[p, s] = sum over rows of partition p of x[nbr[m, s]]^T ct[m]. The neighbours of
+// KG_ROWS rows at a time come to shared memory in one read (a thread each), with a flag
+// per BK-row group that has any.
+template <class T>
+__device__ inline void kernel_grad_simt(const T* __restrict__ x, const T* __restrict__ ct,
+                                        const int32_t* __restrict__ nbr,
+                                        typename Acc<T>::type* __restrict__ part, int64_t n,
+                                        int64_t m, int num_slots, int cin, int cout, int parts) {
   using A = typename Acc<T>::type;
   constexpr int kGroups = KG_ROWS / BK;
   JSC_SHARED(int32_t, rows, [KG_ROWS]);
@@ -535,6 +528,137 @@ __global__ void __launch_bounds__(kThreads, KernelGradBlocksPerSm<T>::value)
     }
 }
 
+// ---------------------------------------------------------------- kernel gradient, tensor cores
+// The same partial sums for float16 / bfloat16 (float32 accumulation, WMMA 16x16x16):
+// dw tile (64 input channels x 64 output channels) += X^T C over groups of HBK rows,
+// X = the gathered rows xs[k][i] read as a column-major A operand (A[i][k] = xs[k][i]),
+// C = the cotangent rows cs[k][c] (row-major B); both copied as they lie in memory, a
+// 16-byte row piece per thread. 8 warps: warp w owns input channels 16 (w / 2) and output
+// channels 32 (w % 2) + [0, 32). A row without a neighbour is zero in both tiles (so an
+// infinite cotangent there adds nothing, as in the SIMT kernel).
+template <class T>
+struct KernelGradShared {
+  union {
+    struct {
+      T xs[HBK * LDB];  // xs[k][i]: the gathered rows
+      T cs[HBK * LDB];  // cs[k][c]: the cotangent rows
+    } in;
+    float st[BM * LDC];  // st[i][c]: the accumulators
+  } u;
+  int32_t rows[KG_ROWS];
+  int32_t present[KG_ROWS / HBK];
+};
+static_assert((HBK * LDB * 2) % 32 == 0, "KernelGradShared: cs stays 32-byte aligned");
+
+template <class T>
+__device__ inline void kernel_grad_mma(const T* __restrict__ x, const T* __restrict__ ct,
+                                       const int32_t* __restrict__ nbr, float* __restrict__ part,
+                                       int64_t n, int64_t m, int num_slots, int cin, int cout,
+                                       int parts, unsigned vec) {
+  namespace wmma = nvcuda::wmma;
+  constexpr int kGroups = KG_ROWS / HBK;
+  JSC_SHARED(__align__(32) KernelGradShared<T>, sm, );
+  T* const xs = sm.u.in.xs;
+  T* const cs = sm.u.in.cs;
+  float* const st = sm.u.st;
+  int32_t* const rows = sm.rows;
+  int32_t* const present = sm.present;
+  const int tid = threadIdx.x, warp = tid / 32, wr = warp / 2, wc = warp % 2;
+  // This thread's row pieces: elements [8 cq, 8 cq + 8) of row ck of both tiles.
+  const int ck = tid / (BM / kVec), cq = tid % (BM / kVec);
+  const bool vec_x = (vec & kVecX) != 0, vec_c = (vec & kVecB) != 0;
+  const int i0 = blockIdx.x * BM, c0 = blockIdx.y * BN;
+  const int s = blockIdx.z % num_slots, p = blockIdx.z / num_slots;
+  const int64_t per = (m + parts - 1) / parts;
+  const int64_t mb = p * per, me = mb + per < m ? mb + per : m;
+  const int xi = i0 + cq * kVec, cc = c0 + cq * kVec;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+  for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[j], 0.0f);
+  for (int64_t b0 = mb; b0 < me; b0 += KG_ROWS) {
+    rows[tid] = neighbour(nbr, b0 + tid, me, s, num_slots, n);  // -1 from `me` on
+    __syncthreads();
+    int any = 0;
+    if (tid < kGroups) {
+      JSC_UNROLL
+      for (int k = 0; k < HBK; ++k) any |= rows[tid * HBK + k] >= 0;
+      present[tid] = any;
+    }
+    if (!__syncthreads_or(any)) continue;
+    for (int g = 0; g < kGroups; ++g) {
+      if (!present[g]) continue;
+      const int32_t j = rows[g * HBK + ck];
+      const int64_t r = b0 + g * HBK + ck;  // < me where j >= 0
+      const uint4 xv = row_piece(x + int64_t(j < 0 ? 0 : j) * cin + xi, j >= 0 ? cin - xi : 0,
+                                 vec_x);
+      const uint4 cv = row_piece(ct + (j < 0 ? 0 : r) * cout + cc, j >= 0 ? cout - cc : 0,
+                                 vec_c);
+      st16(xs + ck * LDB + cq * kVec, xv);
+      st16(cs + ck * LDB + cq * kVec, cv);
+      __syncthreads();
+      JSC_UNROLL
+      for (int k = 0; k < HBK; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
+        load_tile(a, xs + k * LDB + wr * 16, LDB);
+        JSC_UNROLL
+        for (int jj = 0; jj < 2; ++jj) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+          load_tile(b, cs + k * LDB + wc * 32 + jj * 16, LDB);
+          wmma::mma_sync(acc[jj], a, b, acc[jj]);
+        }
+      }
+      __syncthreads();
+    }
+  }
+  for (int j = 0; j < 2; ++j)
+    wmma::store_matrix_sync(st + wr * 16 * LDC + wc * 32 + j * 16, acc[j], LDC,
+                            wmma::mem_row_major);
+  __syncthreads();
+  float* out = part + (int64_t(p) * num_slots + s) * cin * cout;
+  for (int e = tid; e < BM * BN; e += kThreads) {
+    const int i = e / BN, c = e % BN;
+    if (i0 + i < cin && c0 + c < cout) out[int64_t(i0 + i) * cout + c0 + c] = st[i * LDC + c];
+  }
+}
+
+// ---------------------------------------------------------------- kernel-gradient kernels
+// Register cap: 4 blocks per SM (what ffi.num_partitions assumes) at 64 registers, without
+// spills; float64 needs more (2 blocks).
+template <class T>
+struct KernelGradBlocksPerSm {
+  static constexpr int value = 4;
+};
+template <>
+struct KernelGradBlocksPerSm<double> {
+  static constexpr int value = 2;
+};
+
+template <class T>
+__global__ void __launch_bounds__(kThreads, KernelGradBlocksPerSm<T>::value)
+    kernel_grad_partial(const T* __restrict__ x, const T* __restrict__ ct,
+                        const int32_t* __restrict__ nbr,
+                        typename Acc<T>::type* __restrict__ part, int64_t n, int64_t m,
+                        int num_slots, int cin, int cout, int parts, unsigned vec) {
+  if constexpr (std::is_same<T, __half>::value) {
+    kernel_grad_mma(x, ct, nbr, part, n, m, num_slots, cin, cout, parts, vec);
+  } else if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+#ifdef __CUDACC__
+    if constexpr (kArchHasBf16Mma) {
+      kernel_grad_mma(x, ct, nbr, part, n, m, num_slots, cin, cout, parts, vec);
+    } else {
+      kernel_grad_simt(x, ct, nbr, part, n, m, num_slots, cin, cout, parts);
+    }
+#else
+    if (jsc_shim::device_cc() >= kMinCcBf16Mma) {
+      kernel_grad_mma(x, ct, nbr, part, n, m, num_slots, cin, cout, parts, vec);
+    } else {
+      kernel_grad_simt(x, ct, nbr, part, n, m, num_slots, cin, cout, parts);
+    }
+#endif
+  } else {
+    kernel_grad_simt(x, ct, nbr, part, n, m, num_slots, cin, cout, parts);
+  }
+}
+
 // dw[e] = sum_p part[p, e], in partition order.
 template <class T>
 __global__ void __launch_bounds__(kThreads)
@@ -548,15 +672,6 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------- launches and their checks
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline ffi::Error launched() {
-  if (const char* err = JSC_CHECK_LAUNCH()) {
-    return error(ffi::ErrorCode::kInternal, err);
-  }
-  return ffi::Error::Success();
-}
-
 template <class T>
 struct Tag {
   using type = T;
@@ -574,31 +689,23 @@ bool by_dtype(ffi::DataType t, F&& f) {
   }
 }
 
-// float32/float64 on the CUDA cores, float16/bfloat16 on the tensor cores.
+// The 16-byte copy flags of a half-type launch: a's rows (length la) and b's (length lb).
 template <class T>
-void gather_matmul_launch(jsc_stream_t stream, const void* x, const void* w, const int32_t* nbr,
-                          void* y, int64_t n, int64_t m, int s, int cin, int cout) {
+unsigned vector_flags(const void* a, int64_t la, const void* b, int64_t lb) {
+  if (!kIsHalf<T>) return 0;
+  return (la % kVec == 0 && aligned16(a) ? kVecX : 0) | (lb % kVec == 0 && aligned16(b) ? kVecB : 0);
+}
+
+template <class T>
+ffi::Error gather_matmul_launch(jsc_stream_t stream, const void* x, const void* w,
+                                const int32_t* nbr, void* y, int64_t n, int64_t m, int s,
+                                int cin, int cout) {
   const int col_tiles = int(ceil_div(cout, BN));
   const dim3 grid(unsigned(ceil_div(m, BM) * col_tiles));  // checked <= kMaxGridX
-  const T* xt = static_cast<const T*>(x);
-  const T* wt = static_cast<const T*>(w);
-  T* yt = static_cast<T*>(y);
-  bool simt = std::is_same<T, float>::value || std::is_same<T, double>::value;
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    simt = compute_capability(stream) < kMinCcBf16Mma;  // no bf16 tensor cores
-  }
-  if constexpr (!std::is_same<T, __half>::value) {
-    if (simt) {
-      JSC_LAUNCH(gather_matmul_simt<T>, grid, dim3(kThreads), stream, xt, wt, nbr, yt, n, m, s,
-                 cin, cout, col_tiles);
-    }
-  }
-  if constexpr (!std::is_same<T, float>::value && !std::is_same<T, double>::value) {
-    if (!simt) {
-      JSC_LAUNCH(gather_matmul_mma<T>, grid, dim3(kThreads), stream, xt, wt, nbr, yt, n, m, s,
-                 cin, cout, col_tiles);
-    }
-  }
+  JSC_LAUNCH(gather_matmul_kernel<T>, grid, dim3(kThreads), stream, static_cast<const T*>(x),
+             static_cast<const T*>(w), nbr, static_cast<T*>(y), n, m, s, cin, cout, col_tiles,
+             vector_flags<T>(x, cin, w, cout));
+  return launched("gather_matmul");
 }
 
 ffi::Error GatherMatmul(JSC_STREAM_PARAM ffi::AnyBuffer x, ffi::AnyBuffer w,
@@ -621,27 +728,30 @@ ffi::Error GatherMatmul(JSC_STREAM_PARAM ffi::AnyBuffer x, ffi::AnyBuffer w,
                    std::to_string(cout) + " needs more 64 x 64 tiles than one launch runs (" +
                    std::to_string(kMaxGridX) + ")");
   }
-  const int32_t* idx = nbr.typed_data();
+  ffi::Error result = ffi::Error::Success();
   const bool ok = by_dtype(t, [&](auto tag) {
-    gather_matmul_launch<typename decltype(tag)::type>(stream, x.untyped_data(),
-                                                      w.untyped_data(), idx, y->untyped_data(),
-                                                      n, m, int(s), int(cin), int(cout));
+    result = gather_matmul_launch<typename decltype(tag)::type>(
+        stream, x.untyped_data(), w.untyped_data(), nbr.typed_data(), y->untyped_data(), n, m,
+        int(s), int(cin), int(cout));
   });
   if (!ok) return invalid("gather_matmul: dtype must be float16, bfloat16, float32 or float64");
-  return launched();
+  return result;
 }
 
 template <class T>
-void kernel_grad_launch(jsc_stream_t stream, const void* x, const void* ct, const int32_t* nbr,
-                        void* dw, void* part, int64_t n, int64_t m, int s, int cin, int cout,
-                        int parts) {
+ffi::Error kernel_grad_launch(jsc_stream_t stream, const void* x, const void* ct,
+                              const int32_t* nbr, void* dw, void* part, int64_t n, int64_t m,
+                              int s, int cin, int cout, int parts) {
   using A = typename Acc<T>::type;
   const dim3 grid(unsigned(ceil_div(cin, BM)), unsigned(ceil_div(cout, BN)), unsigned(s * parts));
   JSC_LAUNCH(kernel_grad_partial<T>, grid, dim3(kThreads), stream, static_cast<const T*>(x),
-             static_cast<const T*>(ct), nbr, static_cast<A*>(part), n, m, s, cin, cout, parts);
+             static_cast<const T*>(ct), nbr, static_cast<A*>(part), n, m, s, cin, cout, parts,
+             vector_flags<T>(x, cin, ct, cout));
+  if (ffi::Error e = launched("kernel_grad: partial sums"); e.failure()) return e;
   const int64_t size = int64_t(s) * cin * cout;
   JSC_LAUNCH(sum_partials<T>, dim3(unsigned(ceil_div(size, kThreads))), dim3(kThreads), stream,
              static_cast<const A*>(part), static_cast<T*>(dw), size, parts);
+  return launched("kernel_grad: sum of the partials");
 }
 
 ffi::Error KernelGrad(JSC_STREAM_PARAM ffi::AnyBuffer x, ffi::AnyBuffer ct,
@@ -660,10 +770,10 @@ ffi::Error KernelGrad(JSC_STREAM_PARAM ffi::AnyBuffer x, ffi::AnyBuffer ct,
   // gridDim.z. How many partitions P to use is policy, decided in Python (from the shapes
   // alone, so the summation order is fixed) and passed down as the workspace's leading
   // axis; here it is only validated against the launch limit.
-  if (s * parts > kMaxGridZ) {
+  if (s * parts > kMaxGridYZ) {
     return invalid("kernel_grad: S * P = " + std::to_string(s) + " * " + std::to_string(parts) +
                    " partial-sum blocks exceed the CUDA grid limit gridDim.z <= " +
-                   std::to_string(kMaxGridZ) + "; pass a workspace with fewer partitions P");
+                   std::to_string(kMaxGridYZ) + "; pass a workspace with fewer partitions P");
   }
   const ffi::DataType t = x.element_type();
   const ffi::DataType acc = t == ffi::DataType::F64 ? ffi::DataType::F64 : ffi::DataType::F32;
@@ -671,15 +781,16 @@ ffi::Error KernelGrad(JSC_STREAM_PARAM ffi::AnyBuffer x, ffi::AnyBuffer ct,
     return invalid("kernel_grad: x, ct and dw must share one dtype; part is its accumulator");
   }
   if (!fits_int32(n)) return invalid("kernel_grad: too many rows");
-  if (ceil_div(cout, BN) > kMaxGridZ) return invalid("kernel_grad: Cout too large for the grid");
+  if (ceil_div(cout, BN) > kMaxGridYZ) return invalid("kernel_grad: Cout too large for the grid");
   if (s == 0 || cin == 0 || cout == 0) return ffi::Error::Success();
+  ffi::Error result = ffi::Error::Success();
   const bool ok = by_dtype(t, [&](auto tag) {
-    kernel_grad_launch<typename decltype(tag)::type>(
+    result = kernel_grad_launch<typename decltype(tag)::type>(
         stream, x.untyped_data(), ct.untyped_data(), nbr.typed_data(), dw->untyped_data(),
         part->untyped_data(), n, m, int(s), int(cin), int(cout), int(parts));
   });
   if (!ok) return invalid("kernel_grad: dtype must be float16, bfloat16, float32 or float64");
-  return launched();
+  return result;
 }
 
 // ---------------------------------------------------------------- FFI handlers
@@ -711,82 +822,3 @@ constexpr JscHandler kHandlers[] = {
 }  // namespace jsc
 
 JSC_EXPORT_HANDLERS(conv_cuda, jsc::kHandlers)
-
-#ifdef __CUDACC__
-// ---------------------------------------------------------------- can the kernels run here?
-// For module.cc (jax_sparseconv/_src/cuda_support.py decides): the versions of the static
-// CUDA runtime linked in and of the installed driver, and a probe launch.
-namespace jsc {
-constexpr int kProbeValue = 0x5ca1ab1e;
-__global__ void probe_kernel(int* out) {
-  if (threadIdx.x == 0 && blockIdx.x == 0) *out = kProbeValue;
-}
-}  // namespace jsc
-
-extern "C" int jsc_cuda_runtime_version() {
-  int v = 0;
-  cudaRuntimeGetVersion(&v);
-  return v;
-}
-
-// The CUDA version the driver supports (e.g. 13000 for 13.0), 0 without a driver.
-extern "C" int jsc_cuda_driver_version() {
-  int v = 0;
-  if (cudaDriverGetVersion(&v) != cudaSuccess) v = 0;
-  return v;
-}
-
-// Launches probe_kernel (compiled with the conv kernels, for the same architectures) on
-// `device` in a stream of its own and reads its result back: 1 on success, else 0 and
-// the step and CUDA error in `msg` ("no kernel image is available", "CUDA driver version
-// is insufficient", a PTX JIT failure, ...). binaryVersion / ptxVersion of the image the
-// driver picked (e.g. 80 / 90) go to *binary / *ptx.
-extern "C" int jsc_cuda_probe(int device, char* msg, int msg_len, int* binary, int* ptx) {
-  *binary = *ptx = 0;
-  const char* step = "cudaGetDevice";
-  cudaError_t e = cudaSuccess;
-  int previous = 0, host = 0, *out = nullptr;
-  cudaStream_t stream = nullptr;
-  cudaFuncAttributes attr{};
-  bool switched = false;
-  if ((e = cudaGetDevice(&previous)) != cudaSuccess) goto done;
-  step = "cudaSetDevice";
-  if ((e = cudaSetDevice(device)) != cudaSuccess) goto done;
-  switched = true;
-  step = "cudaFuncGetAttributes";
-  if ((e = cudaFuncGetAttributes(&attr, jsc::probe_kernel)) != cudaSuccess) goto done;
-  *binary = attr.binaryVersion;
-  *ptx = attr.ptxVersion;
-  step = "cudaStreamCreate";
-  if ((e = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking)) != cudaSuccess) goto done;
-  step = "cudaMalloc";
-  if ((e = cudaMalloc(&out, sizeof(int))) != cudaSuccess) goto done;
-  step = "cudaMemsetAsync";
-  if ((e = cudaMemsetAsync(out, 0, sizeof(int), stream)) != cudaSuccess) goto done;
-  step = "launch";
-  jsc::probe_kernel<<<1, 32, 0, stream>>>(out);
-  if ((e = cudaGetLastError()) != cudaSuccess) goto done;
-  step = "cudaMemcpyAsync";
-  if ((e = cudaMemcpyAsync(&host, out, sizeof(int), cudaMemcpyDeviceToHost, stream)) !=
-      cudaSuccess) {
-    goto done;
-  }
-  step = "cudaStreamSynchronize";
-  e = cudaStreamSynchronize(stream);
-done:
-  if (out != nullptr) cudaFree(out);
-  if (stream != nullptr) cudaStreamDestroy(stream);
-  if (switched) cudaSetDevice(previous);
-  if (e != cudaSuccess) {
-    std::snprintf(msg, size_t(msg_len), "%s: %s (%s)", step, cudaGetErrorString(e),
-                  cudaGetErrorName(e));
-    cudaGetLastError();  // not sticky for the kernels' own launch checks
-    return 0;
-  }
-  if (host != jsc::kProbeValue) {
-    std::snprintf(msg, size_t(msg_len), "the probe kernel ran but did not write its result");
-    return 0;
-  }
-  return 1;
-}
-#endif

@@ -35,12 +35,29 @@
 //              (NaN in every float type, -1 in integers) at the start of every block: on
 //              a GPU it is undefined there, while here it would keep the previous block's
 //              values.
-//   An unknown word aborts. tests/test_shim_modes.py reruns the kernel tests under
-//   JSC_SHIM_MODE=reverse,poison.
+//     capture  every launch is recorded into a CUDA graph that XLA is capturing (its
+//              command buffers): the runtime queries that CUDA rejects on a capturing
+//              stream (cudaStreamGetDevice, cudaGetDevice, cudaDeviceGetAttribute,
+//              cudaStreamSynchronize, cudaDeviceSynchronize) fail with
+//              cudaErrorStreamCaptureUnsupported and invalidate the capture, which the
+//              next JSC_CHECK_LAUNCH() reports (as XLA would fail the whole graph);
+//     interleave  each atomic operation yields to the block's other threads before and
+//              after it, and the passes over the runnable threads alternate in direction,
+//              so the threads of a block interleave at every atomic in both orders (code
+//              that relies on a thread's atomic and its next plain stores landing together,
+//              e.g. reading an entry's key right after another thread claimed it, fails).
+//   An unknown word aborts. tests/kernels/test_shim_modes.py reruns the kernel tests under
+//   JSC_SHIM_MODE=reverse,poison,capture; tests/kernels/test_search_cuda.py the search
+//   tests under interleave.
 // * Shared memory: JSC_SHARED(type, name, dims) declares it (a plain __shared__ also
-//   compiles, but is not poisoned; conv_cuda.cu uses JSC_SHARED only).
-// $JSC_SHIM_CC (default 90) is the compute capability the kernels' host code sees, e.g. 75
-// for the launch choices of a GPU without bf16 tensor cores.
+//   compiles, but is not poisoned; the kernels use JSC_SHARED only).
+// * 16-byte vector loads and stores (ld16/st16 in the kernels): the address 16-byte aligned,
+//   else abort (a GPU faults with "misaligned address").
+// * Atomics (atomicCAS/Min/Max/Add/Or on int): plain read-modify-writes, atomic because a
+//   fiber runs undisturbed between its switch points.
+// $JSC_SHIM_CC (default 90) is the compute capability the kernels see (read at each launch:
+// device code picks its bf16 path from it, as nvcc's __CUDA_ARCH__ would), e.g. 75 for a
+// GPU without bf16 tensor cores.
 #pragma once
 
 // Fibers switch with _setjmp/_longjmp (no signal-mask system call, unlike swapcontext);
@@ -84,6 +101,8 @@ namespace jsc_shim {
 struct Mode {
   bool reverse = false;
   bool poison = false;
+  bool capture = false;
+  bool interleave = false;
 };
 
 inline Mode parse_mode(const char* text) {
@@ -99,9 +118,14 @@ inline Mode parse_mode(const char* text) {
       m.reverse = true;
     } else if (word == "poison") {
       m.poison = true;
+    } else if (word == "capture") {
+      m.capture = true;
+    } else if (word == "interleave") {
+      m.interleave = true;
     } else if (!word.empty()) {
       std::fprintf(stderr, "jax_sparseconv host shim: JSC_SHIM_MODE=%s: unknown mode '%s' "
-                   "(use reverse, poison or both, comma-separated)\n", text, word.c_str());
+                   "(use reverse, poison, capture, interleave, comma-separated)\n", text,
+                   word.c_str());
       std::abort();
     }
     start = end + 1;
@@ -110,6 +134,17 @@ inline Mode parse_mode(const char* text) {
 }
 
 inline Mode mode_from_env() { return parse_mode(std::getenv("JSC_SHIM_MODE")); }
+
+// The modes' canonical name ("reverse,poison,capture,interleave" order; "" for none).
+inline std::string mode_name(const Mode& m) {
+  std::string s;
+  for (auto [on, word] : {std::pair<bool, const char*>{m.reverse, "reverse"},
+                          {m.poison, "poison"}, {m.capture, "capture"},
+                          {m.interleave, "interleave"}}) {
+    if (on) s += (s.empty() ? "" : ",") + std::string(word);
+  }
+  return s;
+}
 
 // ---- shared memory that poison mode fills (JSC_SHARED registers it) ----
 struct SharedRegion {
@@ -135,13 +170,32 @@ struct SharedReg {
 
 // ---- the error a launch leaves for JSC_CHECK_LAUNCH (cudaGetLastError) ----
 inline thread_local std::string g_launch_error;
+// Capture mode: what invalidated the capture (empty: nothing), until JSC_CHECK_LAUNCH().
+inline thread_local std::string g_capture_error;
 
 inline const char* take_launch_error() {
   static thread_local std::string taken;
+  if (!g_capture_error.empty()) {
+    taken = "operation failed due to a previous error during capture (host shim capture "
+            "mode: " + g_capture_error + ")";
+    g_capture_error.clear();
+    g_launch_error.clear();
+    return taken.c_str();
+  }
   if (g_launch_error.empty()) return nullptr;
   taken.swap(g_launch_error);
   g_launch_error.clear();
   return taken.c_str();
+}
+
+// In capture mode, a runtime call CUDA rejects on a capturing stream: invalidates the
+// capture (reported by the next JSC_CHECK_LAUNCH); true when it must fail.
+inline bool rejected_during_capture(const char* api) {
+  if (!mode_from_env().capture) return false;
+  if (g_capture_error.empty()) {
+    g_capture_error = std::string(api) + " is not permitted while the stream is capturing";
+  }
+  return true;
 }
 
 // The launch limits of every GPU since compute capability 3.0; empty when within them.
@@ -168,13 +222,23 @@ inline std::string launch_config_error(dim3 grid, dim3 block) {
   return std::string("invalid configuration argument (host shim: ") + buf + ")";
 }
 
+// The compute capability of the "device": 90, or $JSC_SHIM_CC (e.g. 75, to run the paths
+// of GPUs without bf16 tensor cores). Device code reads it as device_cc(), set at launch
+// (what __CUDA_ARCH__ is to nvcc's device code).
+inline int compute_capability() {
+  const char* cc = std::getenv("JSC_SHIM_CC");
+  return cc != nullptr && *cc != 0 ? std::atoi(cc) : 90;
+}
+inline thread_local int g_device_cc = 90;
+inline int device_cc() { return g_device_cc; }
+
 struct Fiber {
   ucontext_t ctx;  // the start (makecontext); later switches use jb
   jmp_buf jb;
   dim3 tid;
   bool started = false;
   bool done = false;
-  bool at_barrier = false;
+  bool at_barrier = false;  // waiting at a barrier (until every thread is there)
   int pred = 0;
 };
 
@@ -187,7 +251,8 @@ struct Block {
   int barrier_result = 0;
   void (*body)(void*) = nullptr;
   void* arg = nullptr;
-  bool reverse = false;  // fibers of each interval in reverse thread order
+  bool reverse = false;     // fibers of each interval in reverse thread order
+  bool interleave = false;  // atomics yield (see yield_point)
 };
 
 inline thread_local Block* g_block = nullptr;
@@ -213,6 +278,15 @@ inline int barrier(int pred) {
   return b.barrier_result;
 }
 
+// Interleave mode: the running thread steps aside for the block's other threads and
+// resumes in the next pass (no barrier semantics; a no-op otherwise).
+inline void yield_point() {
+  Block* b = g_block;
+  if (b == nullptr || !b->interleave) return;
+  Fiber* f = b->cur;
+  if (!_setjmp(f->jb)) _longjmp(b->sched, 1);
+}
+
 // Runs one block of `body` with every thread as a fiber.
 inline void run_block(Block& b) {
   const size_t n = size_t(b.bdim.x) * b.bdim.y * b.bdim.z;
@@ -228,22 +302,29 @@ inline void run_block(Block& b) {
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_entry, 0);
   }
-  for (;;) {
+  // Passes over the runnable threads (not finished, not waiting at the barrier) until
+  // none is left (a thread that yielded runs again in the next pass); then the barrier
+  // releases every waiting thread.
+  for (unsigned pass = 0;; ++pass) {
+    bool yielded = false;
+    const bool backwards = b.reverse != (b.interleave && (pass & 1) != 0);
+    for (size_t i = 0; i < n; ++i) {
+      Fiber& f = b.fibers[backwards ? n - 1 - i : i];
+      if (f.done || f.at_barrier) continue;
+      b.cur = &f;
+      if (!_setjmp(b.sched)) {
+        if (!f.started) {
+          f.started = true;
+          setcontext(&f.ctx);
+        }
+        _longjmp(f.jb, 1);
+      }
+      yielded |= !f.done && !f.at_barrier;
+    }
+    if (yielded) continue;
     size_t finished = 0, waiting = 0;
     int any = 0;
-    for (size_t i = 0; i < n; ++i) {
-      Fiber& f = b.fibers[b.reverse ? n - 1 - i : i];
-      if (!f.done) {
-        f.at_barrier = false;
-        b.cur = &f;
-        if (!_setjmp(b.sched)) {
-          if (!f.started) {
-            f.started = true;
-            setcontext(&f.ctx);
-          }
-          _longjmp(f.jb, 1);
-        }
-      }
+    for (Fiber& f : b.fibers) {
       if (f.done) {
         ++finished;
       } else {
@@ -260,6 +341,7 @@ inline void run_block(Block& b) {
       std::abort();
     }
     b.barrier_result = any;
+    for (Fiber& f : b.fibers) f.at_barrier = false;  // released
   }
 }
 
@@ -280,11 +362,14 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 bdim, A... args) {
   }
   const Mode mode = mode_from_env();
   const bool saved_poison = g_poison;
+  const int saved_cc = g_device_cc;
   g_poison = mode.poison;
+  g_device_cc = compute_capability();
   Block b;
   b.bdim = bdim;
   b.gdim = grid;
   b.reverse = mode.reverse;
+  b.interleave = mode.interleave;
   auto call = [&]() { kernel(args...); };
   b.body = &trampoline<decltype(call)>;
   b.arg = &call;
@@ -299,13 +384,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 bdim, A... args) {
       }
   g_block = saved;
   g_poison = saved_poison;
-}
-
-// The compute capability the kernels' host code sees (the device's on a GPU): 90, or
-// $JSC_SHIM_CC (e.g. 75, to run the paths of GPUs without bf16 tensor cores).
-inline int compute_capability() {
-  const char* cc = std::getenv("JSC_SHIM_CC");
-  return cc != nullptr && *cc != 0 ? std::atoi(cc) : 90;
+  g_device_cc = saved_cc;
 }
 
 inline unsigned lane_id() {
@@ -371,6 +450,141 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
     h.bits = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
   }
   return h;
+}
+
+inline uint16_t __half_as_ushort(__half h) { return h.bits; }
+inline uint16_t __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
+
+// ---- 16-byte vectors (CUDA's vector_types.h), loads and stores checked for alignment ----
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+struct alignas(16) int4 {
+  int x, y, z, w;
+};
+
+namespace jsc_shim {
+inline void check_aligned16(const void* p, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+    char buf[160];
+    std::snprintf(buf, sizeof(buf), "%s at %p: not 16-byte aligned (misaligned address)", what,
+                  p);
+    fail(buf);
+  }
+}
+template <class V>
+inline V load16(const void* p) {
+  check_aligned16(p, "16-byte load");
+  V v;
+  std::memcpy(&v, p, 16);
+  return v;
+}
+template <class V>
+inline void store16(void* p, const V& v) {
+  check_aligned16(p, "16-byte store");
+  std::memcpy(p, &v, 16);
+}
+}  // namespace jsc_shim
+
+// ---- atomics: a fiber is never interrupted between its switch points, so a plain
+// read-modify-write is atomic here; in interleave mode the thread yields around each ----
+namespace jsc_shim {
+template <class F>
+inline int atomic_rmw(int* a, F&& f) {
+  yield_point();
+  const int old = *a;
+  *a = f(old);
+  yield_point();
+  return old;
+}
+}  // namespace jsc_shim
+inline int atomicCAS(int* a, int compare, int value) {
+  return jsc_shim::atomic_rmw(a, [&](int old) { return old == compare ? value : old; });
+}
+inline int atomicMin(int* a, int v) {
+  return jsc_shim::atomic_rmw(a, [&](int old) { return v < old ? v : old; });
+}
+inline int atomicMax(int* a, int v) {
+  return jsc_shim::atomic_rmw(a, [&](int old) { return v > old ? v : old; });
+}
+inline int atomicAdd(int* a, int v) {
+  return jsc_shim::atomic_rmw(a, [&](int old) { return int(unsigned(old) + unsigned(v)); });
+}
+inline int atomicOr(int* a, int v) {
+  return jsc_shim::atomic_rmw(a, [&](int old) { return old | v; });
+}
+
+// ---- the CUDA runtime calls a handler might make, with capture mode's rule ----
+// The kernels' sources call none of the queries below (tests/kernels/test_shim_modes.py
+// lints that); they exist so that a handler that did would compile here and fail under
+// JSC_SHIM_MODE=capture, as it fails inside XLA's command buffers on a GPU.
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorStreamCaptureUnsupported = 900,
+  cudaErrorStreamCaptureInvalidated = 901,
+};
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
+};
+inline const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorStreamCaptureUnsupported:
+      return "operation not permitted when stream is capturing";
+    case cudaErrorStreamCaptureInvalidated:
+      return "operation failed due to a previous error during capture";
+  }
+  return "unknown error";
+}
+inline cudaError_t cudaPeekAtLastError() {
+  if (!jsc_shim::g_capture_error.empty()) return cudaErrorStreamCaptureInvalidated;
+  return jsc_shim::g_launch_error.empty() ? cudaSuccess : cudaErrorInvalidConfiguration;
+}
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = cudaPeekAtLastError();
+  jsc_shim::take_launch_error();
+  return e;
+}
+inline cudaError_t cudaGetDevice(int* device) {
+  if (jsc_shim::rejected_during_capture("cudaGetDevice")) return cudaErrorStreamCaptureUnsupported;
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamGetDevice(jsc_stream_t, int* device) {
+  if (jsc_shim::rejected_during_capture("cudaStreamGetDevice")) {
+    return cudaErrorStreamCaptureUnsupported;
+  }
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (jsc_shim::rejected_during_capture("cudaDeviceGetAttribute")) {
+    return cudaErrorStreamCaptureUnsupported;
+  }
+  if (device != 0) return cudaErrorInvalidValue;
+  const int cc = jsc_shim::compute_capability();
+  *value = attr == cudaDevAttrComputeCapabilityMajor   ? cc / 10
+           : attr == cudaDevAttrComputeCapabilityMinor ? cc % 10
+                                                       : 132;
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamSynchronize(jsc_stream_t) {
+  if (jsc_shim::rejected_during_capture("cudaStreamSynchronize")) {
+    return cudaErrorStreamCaptureUnsupported;
+  }
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceSynchronize() {
+  if (jsc_shim::rejected_during_capture("cudaDeviceSynchronize")) {
+    return cudaErrorStreamCaptureUnsupported;
+  }
+  return cudaSuccess;
 }
 
 // ---- the WMMA subset the kernels use ----

@@ -9,14 +9,15 @@
 
 // The handler table of each source this module links (see CMakeLists.txt): adding an
 // op means a handler and its row in its source's table, nothing here.
-JSC_HANDLER_TABLE(conv_cuda);  // conv_cuda.cu: nvcc's build, or g++'s through the host shim
+JSC_HANDLER_TABLE(conv_cuda);    // conv_cuda.cu: nvcc's build, or g++'s through the host shim
+JSC_HANDLER_TABLE(search_cuda);  // search_cuda.cu: likewise
 #ifdef JSC_WITH_CPU_KERNELS
 JSC_HANDLER_TABLE(conv_cpu);    // conv_cpu.cc
 JSC_HANDLER_TABLE(search_cpu);  // search_cpu.cc
 #endif
 
 #ifdef JSC_WITH_CUDA_RUNTIME
-// The CUDA build only (conv_cuda.cu, nvcc): what Python needs to decide whether the
+// The CUDA build only (cuda_probe.cu, nvcc): what Python needs to decide whether the
 // kernels can run on this machine (jax_sparseconv/_src/cuda_support.py).
 extern "C" int jsc_cuda_runtime_version();
 extern "C" int jsc_cuda_driver_version();
@@ -38,6 +39,7 @@ static PyObject* handlers(PyObject*, PyObject*) {
   using Table = const JscHandler* (*)(int*);
   static constexpr Table tables[] = {
       &jsc_conv_cuda_handlers,
+      &jsc_search_cuda_handlers,
 #ifdef JSC_WITH_CPU_KERNELS
       &jsc_conv_cpu_handlers,
       &jsc_search_cpu_handlers,

@@ -5,12 +5,14 @@ does not import Flax.
 """
 
 from jax_sparseconv._src.backend import get_kernel_backend as get_kernel_backend
+from jax_sparseconv._src.backend import kernel_backend as kernel_backend
 from jax_sparseconv._src.backend import kernel_builds as kernel_builds
 from jax_sparseconv._src.backend import set_kernel_backend as set_kernel_backend
 from jax_sparseconv._src.conv import sparse_conv as sparse_conv
 from jax_sparseconv._src.conv import sparse_conv_transpose as sparse_conv_transpose
 from jax_sparseconv._src.errors import ErrorCode as ErrorCode
 from jax_sparseconv._src.errors import InvalidInputError as InvalidInputError
+from jax_sparseconv._src.errors import error_mode as error_mode
 from jax_sparseconv._src.errors import get_error_mode as get_error_mode
 from jax_sparseconv._src.errors import set_error_mode as set_error_mode
 from jax_sparseconv._src.export import export_disabled_checks as export_disabled_checks

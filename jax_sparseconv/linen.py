@@ -1,8 +1,16 @@
-"""Flax Linen layers: ``SparseConv`` and ``SparseConvTranspose``.
+"""Flax Linen layers.
 
-Thin wrappers: each creates ``kernel`` ``(Kz, Ky, Kx, Cin, filters)`` and ``bias``
-``(filters,)`` parameters (Open3D's names, shapes and layout, so Open3D weights load
-unchanged) and calls the pure function, which is the single source of truth.
+* Open3D-ML's layers on explicit positions: :class:`SparseConv`, :class:`SparseConvTranspose`
+  (``kernel`` ``(Kz, Ky, Kx, Cin, filters)`` and ``bias`` ``(filters,)``: Open3D's names,
+  shapes and layout, so Open3D weights load unchanged).
+* Layers over :class:`~jax_sparseconv.SparseTensor` levels: :class:`SubMConv`,
+  :class:`DownConv`, :class:`UpConv` (Open3D-ML / MinkowskiEngine style, explicit levels),
+  and spconv's :class:`SubMConv3d`, :class:`SparseConv3d`, :class:`SparseInverseConv3d`,
+  :class:`SparseConvTranspose3d` (spconv's names and arguments; maps kept under
+  ``indice_key`` in the level), plus :class:`SparseMaxPool3d` and :class:`SparseAvgPool3d`.
+
+Each layer only creates its parameters; the body it runs is shared with the NNX layers
+(``_src/layers.py``) and calls the pure functions, the single source of truth.
 
 Open3D's ``kernel_regularizer`` / ``bias_regularizer`` have no layer argument here:
 in JAX a regulariser is a term of the loss over the parameter tree, e.g.
@@ -16,69 +24,35 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-from flax.linen.dtypes import promote_dtype
 
-from jax_sparseconv._src import checks
-from jax_sparseconv._src.conv import sparse_conv, sparse_conv_transpose
-from jax_sparseconv._src.tensor import SparseTensor, level_conv
+from jax_sparseconv._src import pooling
+from jax_sparseconv._src.layers import ConvSpec, level_call, uniform_init
+from jax_sparseconv._src.tensor import SparseTensor
 
-__all__ = ["SparseConv", "SparseConvTranspose", "SubMConv", "DownConv", "UpConv", "uniform_init"]
+__all__ = ["SparseConv", "SparseConvTranspose", "SubMConv", "DownConv", "UpConv", "SubMConv3d",
+           "SparseConv3d", "SparseInverseConv3d", "SparseConvTranspose3d", "SparseMaxPool3d",
+           "SparseAvgPool3d", "uniform_init"]
 
-
-def uniform_init(scale: float = 0.05) -> Callable:
-  """Uniform in ``[-scale, scale]``: Open3D's (Keras ``'uniform'``) kernel initialiser."""
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -scale, scale)
-  return init
+#: spconv's (torch's) default kernel initialiser: uniform in +-1/sqrt(fan_in).
+spconv_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
-class _SparseConvLayer(nn.Module):
-  """Fields shared by both layers; ``_run`` creates the parameters and calls ``fn``."""
-  filters: int
-  kernel_size: int | Sequence[int] = 3
-  activation: Callable | None = None
-  use_bias: bool = True
-  normalize: bool = False
-  offset: Sequence[float] | None = None
-  in_channels: int | None = None
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  kernel_init: Callable = uniform_init(0.05)
-  bias_init: Callable = nn.initializers.zeros_init()
+class _Params:
+  """Creates (at ``init``) or checks (at ``apply``) a layer's ``kernel`` and ``bias``."""
 
-  def _run(self, fn, feats, inp_positions, out_positions, voxel_size, importance, kernel_map,
-           importance_name):
-    name = type(self).__name__
-    feats = checks.check_float_array("feats", feats, 2)
-    cin = feats.shape[-1]
-    if self.in_channels is not None and self.in_channels != cin:
-      raise ValueError(f"{name}: in_channels={self.in_channels} but feats has "
-                       f"shape {jnp.shape(feats)}")
-    ks = checks.normalize_kernel_size(self.kernel_size)
+  def _params(self, spec: ConvSpec, cin: int) -> dict:
+    shapes = spec.shapes(cin)
     if not self.is_initializing():  # given parameters: checked before Flax reads them
-      shapes = {"kernel": None, "bias": (self.filters,)} if self.use_bias else {"kernel": None}
-      given = self.variables.get("params", {})
-      kernel = given.get("kernel")
-      if kernel is not None and jnp.ndim(kernel) == 5 and jnp.shape(kernel)[3] != cin:
-        raise ValueError(f"{name}: feats has {cin} channels but the kernel "
-                         f"{jnp.shape(kernel)} (Kz, Ky, Kx, Cin, Cout) expects "
-                         f"Cin={jnp.shape(kernel)[3]}")
-      shapes["kernel"] = (*ks, cin, self.filters)
-      checks.check_layer_params(name, given, shapes)
-    kernel = self.param("kernel", self.kernel_init, (*ks, cin, self.filters), self.param_dtype)
-    bias = (self.param("bias", self.bias_init, (self.filters,), self.param_dtype)
-            if self.use_bias else None)
-    feats, kernel, bias, importance = promote_dtype(
-        feats, kernel, bias, importance, dtype=self.dtype)
-    params = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
-    return fn(params, feats, inp_positions, out_positions, voxel_size, offset=self.offset,
-              normalize=self.normalize, kernel_map=kernel_map, activation=self.activation,
-              **{importance_name: importance})
+      spec.check_params(self.variables.get("params", {}), cin)
+    params = {"kernel": self.param("kernel", self.kernel_init, shapes["kernel"],
+                                   self.param_dtype)}
+    if "bias" in shapes:
+      params["bias"] = self.param("bias", self.bias_init, shapes["bias"], self.param_dtype)
+    return params
 
 
-class SparseConv(_SparseConvLayer):
+class SparseConv(_Params, nn.Module):
   """Sparse 3D convolution layer (Open3D-ML's ``SparseConv``) for Flax Linen.
 
   Example usage::
@@ -105,16 +79,36 @@ class SparseConv(_SparseConvLayer):
     kernel_init: default uniform in ``[-0.05, 0.05]`` as in Open3D.
     bias_init: default zeros.
   """
+  filters: int
+  kernel_size: int | Sequence[int] = 3
+  activation: Callable | None = None
+  use_bias: bool = True
+  normalize: bool = False
+  offset: Sequence[float] | None = None
+  in_channels: int | None = None
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = uniform_init(0.05)
+  bias_init: Callable = nn.initializers.zeros_init()
+
+  _op = "conv"
+
+  def _spec(self) -> ConvSpec:
+    return ConvSpec(type(self).__name__, self._op, self.filters, self.kernel_size,
+                    self.in_channels, self.use_bias, activation=self.activation,
+                    normalize=self.normalize, offset=self.offset, dtype=self.dtype)
 
   @nn.compact
   def __call__(self, feats, inp_positions, out_positions, voxel_size, inp_importance=None,
                kernel_map=None):
     """Returns ``(num_out, filters)`` features; see :func:`jax_sparseconv.sparse_conv`."""
-    return self._run(sparse_conv, feats, inp_positions, out_positions, voxel_size,
-                     inp_importance, kernel_map, "inp_importance")
+    spec = self._spec()
+    params = self._params(spec, spec.channels(feats))
+    return spec.apply(params, feats, inp_positions, out_positions, voxel_size,
+                      importance=inp_importance, kernel_map=kernel_map)
 
 
-class SparseConvTranspose(_SparseConvLayer):
+class SparseConvTranspose(SparseConv):
   """Sparse 3D transposed convolution layer (Open3D-ML's ``SparseConvTranspose``).
 
   Example usage::
@@ -131,24 +125,26 @@ class SparseConvTranspose(_SparseConvLayer):
   Attributes: as :class:`SparseConv`. The call takes ``out_importance`` in place of
   ``inp_importance``; a given ``kernel_map`` must be built with ``transpose=True``.
   """
+  _op = "conv_transpose"
 
   @nn.compact
   def __call__(self, feats, inp_positions, out_positions, voxel_size, out_importance=None,
                kernel_map=None):
     """Returns ``(num_out, filters)``; see :func:`jax_sparseconv.sparse_conv_transpose`."""
-    return self._run(sparse_conv_transpose, feats, inp_positions, out_positions, voxel_size,
-                     out_importance, kernel_map, "out_importance")
+    spec = self._spec()
+    params = self._params(spec, spec.channels(feats))
+    return spec.apply(params, feats, inp_positions, out_positions, voxel_size,
+                      importance=out_importance, kernel_map=kernel_map)
 
 
 # ------------------------------------------------------- layers over SparseTensor levels
-# spconv-style: a layer takes and returns a SparseTensor, using the maps it carries.
-# Same fields, parameters and maths as the two layers above (they call them).
 
 
 class SubMConv(SparseConv):
-  """Submanifold conv on a :class:`~jax_sparseconv.SparseTensor` (spconv's
-  ``SubMConv3d``): outputs at the input voxels, through the tensor's cached map
-  (``t.with_kernel_map(kernel_size)``; built on the fly otherwise).
+  """Submanifold conv on a :class:`~jax_sparseconv.SparseTensor`: outputs at the input
+  voxels, through the level's map for ``kernel_size`` (``t.with_kernel_map(kernel_size)``;
+  otherwise built here and kept in the returned level, so the next layer reuses it).
+  Same fields and parameters as :class:`SparseConv`.
 
   Example usage::
 
@@ -161,32 +157,151 @@ class SubMConv(SparseConv):
     >>> layer.apply(variables, t).feats.shape
     (3, 8)
   """
+  _op = "subm"
 
   @nn.compact
   def __call__(self, t: SparseTensor, inp_importance=None) -> SparseTensor:
-    *args, km = level_conv("subm", t, t, checks.normalize_kernel_size(self.kernel_size))
-    return t.replace(feats=self._run(sparse_conv, *args, inp_importance, km, "inp_importance"))
+    spec = self._spec()
+    return level_call(spec, self._params(spec, spec.channels(t.feats)), t,
+                      importance=inp_importance)
 
 
 class DownConv(SparseConv):
-  """Strided conv from a level to its coarse level (spconv's ``SparseConv3d(k=2, s=2)``),
-  through ``coarse.maps["down"]`` (made by ``fine.down()``); ``kernel_size`` must match
-  the one given to ``down`` (default 2). Returns ``coarse`` with the new features."""
+  """Strided conv from a level to its coarse level, through ``coarse.maps["down"]`` (made
+  by ``fine.down()``); ``kernel_size`` must match the one given to ``down`` (default 2).
+  Returns ``coarse`` with the new features."""
   kernel_size: int | Sequence[int] = 2
+  _op = "down"
 
   @nn.compact
   def __call__(self, fine: SparseTensor, coarse: SparseTensor) -> SparseTensor:
-    *args, km = level_conv("down", fine, coarse)
-    return coarse.replace(feats=self._run(sparse_conv, *args, None, km, "inp_importance"))
+    spec = self._spec()
+    return level_call(spec, self._params(spec, spec.channels(fine.feats)), fine, coarse)
 
 
-class UpConv(SparseConvTranspose):
-  """Transposed conv from a coarse level back to its fine level (spconv's
-  ``SparseInverseConv3d``), through ``coarse.maps["up"]`` (the down map's transpose: no
-  second search). Returns ``fine`` with the new features."""
+class UpConv(SparseConv):
+  """Transposed conv from a coarse level back to its fine level, through
+  ``coarse.maps["up"]`` (the down map's transpose: no second search). Returns ``fine``
+  with the new features."""
   kernel_size: int | Sequence[int] = 2
+  _op = "up"
 
   @nn.compact
   def __call__(self, coarse: SparseTensor, fine: SparseTensor) -> SparseTensor:
-    *args, km = level_conv("up", coarse, fine)
-    return fine.replace(feats=self._run(sparse_conv_transpose, *args, None, km, "out_importance"))
+    spec = self._spec()
+    return level_call(spec, self._params(spec, spec.channels(coarse.feats)), coarse, fine)
+
+
+# ------------------------------------------------------- spconv's layers
+
+
+class SubMConv3d(_Params, nn.Module):
+  """spconv's ``SubMConv3d``: a submanifold conv on a level (outputs = inputs), the map
+  kept in the level under ``indice_key`` and reused by the layers with the same key.
+
+  Per-axis arguments and the kernel's leading axes follow the level's
+  :attr:`~jax_sparseconv.SparseTensor.axis_order` (spconv's index columns ``d0, d1, d2``):
+  spconv's weight ``(Cout, k0, k1, k2, Cin)`` is ``kernel = weight.permute(1, 2, 3, 4, 0)``
+  here for either order. As in spconv, ``stride`` and ``padding`` are accepted and
+  ignored (the window is centred: ``o + (k - K // 2) * d``).
+
+  Example usage::
+
+    >>> import jax, jax.numpy as jnp, jax_sparseconv as sc
+    >>> from jax_sparseconv.linen import SubMConv3d
+    >>> idx = jnp.array([[0, 0, 1, 2], [0, 0, 1, 3], [1, 3, 0, 0]])  # [b, z, y, x]
+    >>> t = sc.SparseTensor.from_indices(idx, jnp.ones((3, 4)), [4, 5, 6], 2)
+    >>> layer = SubMConv3d(4, 16, 3, indice_key="subm1")
+    >>> variables = layer.init(jax.random.key(0), t)
+    >>> y = layer.apply(variables, t)
+    >>> y.feats.shape, sorted(y.maps)
+    ((3, 16), ['subm1'])
+
+  Attributes:
+    in_channels: input channels (checked), or None (inferred).
+    out_channels: output channels.
+    kernel_size, stride, padding, dilation: int or 3 ints in the level's index order.
+    groups: grouped conv (``in_channels`` = groups: depthwise).
+    bias: add a bias (default True).
+    indice_key: the key of the map in the level (spconv's); None: one per geometry.
+    dtype, param_dtype: computation and parameter dtypes.
+    kernel_init: default spconv's (uniform in +-1/sqrt(fan_in)); bias_init: zeros.
+  """
+  in_channels: int | None
+  out_channels: int
+  kernel_size: int | Sequence[int] = 3
+  stride: int | Sequence[int] = 1
+  padding: int | Sequence[int] = 0
+  dilation: int | Sequence[int] = 1
+  groups: int = 1
+  bias: bool = True
+  indice_key: str | None = None
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = spconv_init
+  bias_init: Callable = nn.initializers.zeros_init()
+
+  _op = "spconv_subm"
+
+  def _spec(self) -> ConvSpec:
+    return ConvSpec(type(self).__name__, self._op, self.out_channels, self.kernel_size,
+                    self.in_channels, self.bias, self.groups, dtype=self.dtype,
+                    stride=self.stride, padding=self.padding, dilation=self.dilation,
+                    key=self.indice_key, capacity=getattr(self, "capacity", None))
+
+  @nn.compact
+  def __call__(self, x: SparseTensor) -> SparseTensor:
+    spec = self._spec()
+    return level_call(spec, self._params(spec, spec.channels(x.feats)), x)
+
+
+class SparseConv3d(SubMConv3d):
+  """spconv's ``SparseConv3d``: a regular conv that generates its output level (every
+  voxel ``o`` with an input at ``o*s - p + k*d``, clipped to the level's grid), the map
+  kept in the new level under ``indice_key`` (for :class:`SparseInverseConv3d`).
+  Attributes as :class:`SubMConv3d`, plus ``capacity`` (static rows of the new level;
+  see :meth:`jax_sparseconv.SparseTensor.conv`)."""
+  capacity: int | None = None
+  _op = "spconv_conv"
+
+
+class SparseConvTranspose3d(SparseConv3d):
+  """spconv's ``SparseConvTranspose3d``: the generative transposed conv (input ``i`` writes
+  ``i*s - p + k*d`` for every ``k``), a new level. Attributes as :class:`SparseConv3d`."""
+  _op = "spconv_transpose"
+
+
+class SparseInverseConv3d(SubMConv3d):
+  """spconv's ``SparseInverseConv3d``: back to the level that the conv under
+  ``indice_key`` started from (its voxels in their order; rows that conv dropped get
+  exactly the bias), through that conv's map transposed, slot ``k`` reading slot ``k``.
+  ``kernel_size`` must be the conv's; ``stride``/``padding``/``dilation`` are its."""
+  _op = "spconv_inverse"
+
+
+class _Pool(nn.Module):
+  kernel_size: int | Sequence[int] = 2
+  stride: int | Sequence[int] | None = None
+  padding: int | Sequence[int] = 0
+  dilation: int | Sequence[int] = 1
+  indice_key: str | None = None
+  capacity: int | None = None
+
+  _mode = "max"
+
+  def __call__(self, x: SparseTensor) -> SparseTensor:
+    return pooling.level_pool(self._mode, x, self.kernel_size, self.stride, self.padding,
+                              self.dilation, key=self.indice_key, capacity=self.capacity)
+
+
+class SparseMaxPool3d(_Pool):
+  """spconv's ``SparseMaxPool3d`` on a level (:func:`jax_sparseconv.pooling.level_pool`):
+  the output level of the regular conv rule, the maximum over each window's voxels
+  (negative maxima kept, unlike spconv's CPU build). Attributes in the level's index
+  order; ``stride`` defaults to ``kernel_size``."""
+
+
+class SparseAvgPool3d(_Pool):
+  """spconv's ``SparseAvgPool3d``: as :class:`SparseMaxPool3d`, the mean over each window's
+  voxels (divided by the number present)."""
+  _mode = "avg"

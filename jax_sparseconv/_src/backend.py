@@ -1,9 +1,12 @@
 """Which implementation runs an op: jnp, the native CPU kernels, or the CUDA source.
 
-One global choice (:func:`set_kernel_backend`) and one function that applies it
-(:func:`dispatch`). The choice is made when a program is lowered, per platform, through
-``jax.lax.platform_dependent``, so a CPU program never names a CUDA target. The kernels
-themselves and their ``ffi_call`` wrappers live in ``ffi.py``.
+One setting (:func:`set_kernel_backend` for the process, :func:`kernel_backend` for a
+``with`` block) and one function that applies it (:func:`dispatch`). The setting is read
+when a program is traced and is part of ``jax.jit``'s cache key (a JAX user context), so
+changing it retraces what runs next and drops nothing from the caches; the choice between
+platforms is made at lowering, per platform, through ``jax.lax.platform_dependent``, so a
+CPU program never names a CUDA target. The kernels themselves and their ``ffi_call``
+wrappers live in ``ffi.py``.
 
 The CUDA branch is lowered only where the CUDA kernels can run: where this process has
 CUDA devices, each must pass ``cuda_support.check_devices`` (driver, compute capability,
@@ -14,8 +17,10 @@ devices keeps the branch, for programs exported to CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 
 import jax
 
@@ -23,13 +28,26 @@ from . import cuda_support, ffi
 
 BACKENDS = ("auto", "jnp", "host")
 
-_backend = os.environ.get("JAX_SPARSECONV_KERNELS", "auto")
-if _backend not in BACKENDS:
-  raise ValueError(f"JAX_SPARSECONV_KERNELS must be one of {BACKENDS}, got {_backend!r}")
+
+def _checked(backend: str, what: str = "backend") -> str:
+  if backend not in BACKENDS:
+    raise ValueError(f"{what} must be one of {BACKENDS}, got {backend!r}")
+  if backend == "host" and ffi.host is None:
+    raise RuntimeError("backend 'host' needs the compiled host kernels (jax_sparseconv."
+                       "_host_kernels), which this installation lacks; reinstall with a C++ "
+                       "compiler")
+  return backend
+
+
+# A jit-cache-sensitive JAX user context: a program traced under one value is never reused
+# under another (so switching needs no cache clearing).
+_setting = jax.make_user_context(
+    _checked(os.environ.get("JAX_SPARSECONV_KERNELS", "auto"), "JAX_SPARSECONV_KERNELS"))
 
 
 def set_kernel_backend(backend: str) -> str:
-  """Chooses the implementation of the compiled ops; returns the previous choice.
+  """Chooses the implementation of the compiled ops for the process; returns the previous
+  choice.
 
   * ``"auto"`` (default; also read from ``$JAX_SPARSECONV_KERNELS``): the CUDA kernels
     on NVIDIA GPUs when the package was built with nvcc; on the CPU the native
@@ -39,25 +57,34 @@ def set_kernel_backend(backend: str) -> str:
   * ``"host"``: the CUDA kernels on GPUs, and on the CPU the CUDA kernels compiled for
     the host (slow; for testing and debugging the kernels without a GPU).
 
-  Programs already compiled keep the backend they were lowered with, so this clears
-  JAX's compilation caches.
+  The setting is part of ``jax.jit``'s cache key: functions traced before keep their
+  compiled programs for the old setting, and are traced anew for the new one. No cache
+  is cleared. For one block of code, use :func:`kernel_backend` instead.
   """
-  global _backend
-  if backend not in BACKENDS:
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-  if backend == "host" and ffi.host is None:
-    raise RuntimeError("backend 'host' needs the compiled host kernels (jax_sparseconv."
-                       "_host_kernels), which this installation lacks; reinstall with a C++ "
-                       "compiler")
-  previous, _backend = _backend, backend
-  if previous != backend:
-    jax.clear_caches()
+  previous = _setting.get_global()
+  _setting.set_global(_checked(backend))
   return previous
 
 
+@contextlib.contextmanager
+def kernel_backend(backend: str) -> Iterator[str]:
+  """``with sc.kernel_backend("jnp"): ...``: the backend of :func:`set_kernel_backend` for
+  the programs traced inside the block (this thread only); the process setting is
+  untouched.
+
+  >>> import jax_sparseconv as sc
+  >>> with sc.kernel_backend("jnp"):
+  ...   sc.get_kernel_backend()
+  'jnp'
+  """
+  with _setting(_checked(backend)):
+    yield backend
+
+
 def get_kernel_backend() -> str:
-  """The current choice of :func:`set_kernel_backend`."""
-  return _backend
+  """The backend in effect here: the innermost :func:`kernel_backend` block's, else the
+  process setting."""
+  return _setting.value
 
 
 def kernel_builds() -> dict[str, bool | str]:
@@ -76,10 +103,22 @@ _warned = False
 
 
 def _cuda_devices():
+  """This process's CUDA devices (in a multi-host run, ``jax.devices("cuda")`` would list
+  every host's: those cannot be probed from here)."""
   try:
-    return jax.devices("cuda")
+    return jax.local_devices(backend="cuda")
   except RuntimeError:  # no CUDA backend in this process
     return []
+
+
+def _missing_build_reason() -> str:
+  """Why ``ffi.cuda`` is None: a build that failed to import, or none at all."""
+  error = ffi.load_errors.get("_cuda_kernels")
+  if error is not None:
+    return (f"the CUDA build is installed but failed to load ({error}); reinstall with "
+            "JSC_CUDA=ON to see the build's errors")
+  return ("not built (no nvcc at install time; jax[cuda] wheels bring none: install a CUDA "
+          "toolkit >= 12.8, e.g. /usr/local/cuda, then reinstall with JSC_CUDA=ON)")
 
 
 def cuda_status() -> tuple[bool, bool, str]:
@@ -88,7 +127,7 @@ def cuda_status() -> tuple[bool, bool, str]:
   global _cuda_state
   if _cuda_state is None:
     if ffi.cuda is None:
-      state = (False, False, "not built (install with nvcc, JSC_CUDA=ON, for the CUDA kernels)")
+      state = (False, False, _missing_build_reason())
     else:
       devices = _cuda_devices()
       if not devices:
@@ -110,26 +149,34 @@ def _warn_fallback(reason: str) -> None:
     _warned = True
     warnings.warn(f"jax_sparseconv: the CUDA kernels cannot run here ({reason}); the jnp "
                   "implementation runs on the GPU instead. sc.kernel_builds() reports this.",
-                  RuntimeWarning, stacklevel=3)
+                  RuntimeWarning, stacklevel=4)
 
 
-def dispatch(jnp_fn, kernel_fn, *args, cpu_fn=None):
+def _lower_cuda() -> bool:
+  """Whether to lower the CUDA branch (see :func:`cuda_status`); where not, one warning
+  when the process has GPUs that the jnp path will serve instead: a failed check, and
+  equally a missing or broken CUDA build on a machine with GPUs (never silent)."""
+  lower, _, reason = cuda_status()
+  if not lower and (ffi.cuda is not None or _cuda_devices()):
+    _warn_fallback(reason)
+  return lower and ffi.cuda is not None
+
+
+def dispatch(jnp_fn, cuda_fn, *args, cpu_fn=None, backend=None):
   """``jnp_fn(*args)``, or a compiled version on the platforms that have one:
-  ``kernel_fn`` (the CUDA source, when given) on GPUs where it can run (see
+  ``cuda_fn`` (the CUDA source, when given) on GPUs where it can run (see
   :func:`cuda_status`) and, with backend "host", on the CPU; ``cpu_fn`` (a native CPU
-  kernel, when given) on the CPU with backend "auto"."""
+  kernel, when given) on the CPU with backend "auto". ``backend``: the setting to apply
+  (default: :func:`get_kernel_backend`; primitives pass the one they were bound with)."""
+  chosen = get_kernel_backend() if backend is None else backend
   branches = {}
-  if _backend != "jnp" and ffi.cuda is not None and kernel_fn is not None:
-    lower, _, reason = cuda_status()
-    if lower:
-      branches["cuda"] = kernel_fn
-    else:
-      _warn_fallback(reason)
+  if chosen != "jnp" and cuda_fn is not None and _lower_cuda():
+    branches["cuda"] = cuda_fn
   if ffi.host is not None:
-    if _backend == "host":
-      if kernel_fn is not None:
-        branches["cpu"] = kernel_fn
-    elif _backend == "auto" and cpu_fn is not None:
+    if chosen == "host":
+      if cuda_fn is not None:
+        branches["cpu"] = cuda_fn
+    elif chosen == "auto" and cpu_fn is not None:
       branches["cpu"] = cpu_fn
   if not branches:
     return jnp_fn(*args)

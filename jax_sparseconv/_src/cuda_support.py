@@ -3,8 +3,10 @@
 The CUDA build of the kernels (``_cuda_kernels``) is compiled by nvcc 13 for a fixed list
 of GPU architectures and links the CUDA 13 runtime statically. It runs on a GPU when
 
-* the **driver** supports CUDA 13.0 or newer: ``cudaDriverGetVersion() >= 13000``, i.e. an
-  NVIDIA driver of branch **R580 or newer**. Source: NVIDIA's CUDA Compatibility guide,
+* the **driver** supports the major CUDA version of the runtime linked in (minor-version
+  compatibility: a CUDA 13.x build runs on any driver for CUDA 13.0+, a CUDA 12.8 build on any
+  driver for CUDA 12.0+): ``cudaDriverGetVersion() >= 1000 * major``, i.e. for the default
+  CUDA 13 build an NVIDIA driver of branch **R580 or newer** (CUDA 12: R525+). Source: NVIDIA's CUDA Compatibility guide,
   "Minor Version Compatibility", Table 1 "CUDA Toolkit 11.x, 12.x, and 13.x Driver Version
   Ranges": CUDA 13.x needs a minimum driver ">= 580" (the CUDA 13.0 GA toolkit shipped with
   580.65.06); https://docs.nvidia.com/deploy/cuda-compatibility/minor-version-compatibility.html
@@ -33,10 +35,21 @@ from __future__ import annotations
 import dataclasses
 import re
 
-#: ``cudaDriverGetVersion()`` the static CUDA 13 runtime needs: 13.0 (driver branch R580+).
+#: ``cudaDriverGetVersion()`` the default build (static CUDA 13 runtime) needs: 13.0 (R580+).
 MIN_DRIVER_VERSION = 13000
 #: The driver branch that first supports CUDA 13.0 (for messages; the check uses the above).
 MIN_DRIVER_BRANCH = 580
+#: The first driver branch of each CUDA major version (minor-version compatibility holds
+#: from there on; NVIDIA's CUDA Compatibility guide, Table 1). For messages only.
+DRIVER_BRANCHES = {11: 450, 12: 525, 13: 580}
+
+
+def min_driver_version(runtime_version: int) -> int:
+  """The ``cudaDriverGetVersion()`` a build linking the CUDA runtime ``runtime_version``
+  (e.g. 12080) needs: the first version of its major (12000). Minor-version compatibility
+  runs the build's machine code on any driver of that major; only PTX JIT needs a driver as
+  new as the toolkit (checked separately)."""
+  return max(1000, runtime_version // 1000 * 1000)
 #: The oldest GPU generation nvcc 13 compiles for (sm_75, Turing).
 MIN_BUILDABLE_CC = (7, 5)
 #: bfloat16 tensor cores (WMMA): from compute capability 8.0; below, bfloat16 runs on the
@@ -138,10 +151,13 @@ def cuda_usable(compute_capability, driver_version: int, built_arches, *,
   cc = _cc_tuple(compute_capability)
   if driver_version <= 0:
     return False, "no CUDA driver found (cudaDriverGetVersion() gave 0)"
-  if driver_version < MIN_DRIVER_VERSION:
+  need = min_driver_version(runtime_version)
+  if driver_version < need:
+    branch = DRIVER_BRANCHES.get(need // 1000)
     return False, (f"the NVIDIA driver supports CUDA {_version(driver_version)}, but the kernels "
                    f"link the CUDA {_version(runtime_version)} runtime, which needs a driver for "
-                   f"CUDA >= {_version(MIN_DRIVER_VERSION)} (branch R{MIN_DRIVER_BRANCH} or newer)")
+                   f"CUDA >= {_version(need)}"
+                   + (f" (branch R{branch} or newer)" if branch else ""))
   how = "the probe decides"
   if cc is not None and archs.known:
     image = image_for(cc, archs)
@@ -169,10 +185,23 @@ def cuda_usable(compute_capability, driver_version: int, built_arches, *,
   return True, f"{how}; driver for CUDA {_version(driver_version)}"
 
 
-def check_devices(module, devices) -> tuple[bool, str]:
-  """:func:`cuda_usable` for every device of ``devices`` (JAX CUDA devices), with the
-  versions and probe of ``module`` (``_cuda_kernels``). All must pass; the reason is the
-  first failure's, else the first device's."""
+def local_only(devices, process_index: int):
+  """The devices of ``devices`` attached to process ``process_index``: in a multi-host run
+  ``jax.devices("cuda")`` lists every process's GPUs, and only this process's can be probed
+  (by their local ordinal); a device without ``process_index`` counts as local."""
+  return [d for d in devices if getattr(d, "process_index", process_index) == process_index]
+
+
+def check_devices(module, devices, process_index: int | None = None) -> tuple[bool, str]:
+  """:func:`cuda_usable` for every device of ``devices`` (JAX CUDA devices) that belongs to
+  this process (``process_index``, default ``jax.process_index()``; other hosts' GPUs are
+  theirs to check), with the versions and probe of ``module`` (``_cuda_kernels``). All must
+  pass; the reason is the first failure's, else the first device's. Each is probed by its
+  local ordinal (``local_hardware_id``), never by its global id."""
+  if process_index is None:
+    import jax
+    process_index = jax.process_index()
+  devices = local_only(devices, process_index)
   archs = parse_architectures(getattr(module, "cuda_architectures", ""))
   driver = int(module.cuda_driver_version())
   runtime = int(module.cuda_runtime_version())
@@ -182,7 +211,8 @@ def check_devices(module, devices) -> tuple[bool, str]:
     ok, reason = cuda_usable(cc, driver, archs, runtime_version=runtime)
     if ok:  # the static checks pass: launch for real
       ordinal = getattr(d, "local_hardware_id", None)
-      ordinal = d.id if ordinal is None else ordinal
+      if ordinal is None:  # no local ordinal known: the position among this process's GPUs
+        ordinal = devices.index(d)
       error, _, _ = module.cuda_probe(int(ordinal))
       ok, reason = cuda_usable(cc, driver, archs, runtime_version=runtime, probe_error=error)
     reason = f"{d.device_kind if hasattr(d, 'device_kind') else 'GPU'} {d.id}: {reason}"

@@ -28,9 +28,11 @@ rule (jax-md's ``PartitionErrorCode`` is the model):
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import os
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -69,11 +71,14 @@ _MESSAGES = {
         f"more than {LATTICE_TOLERANCE} voxel from it); inputs and outputs must share one "
         "lattice"),
     ErrorCode.OUT_OF_RANGE: (
-        f"the points (with the kernel's reach) span {MAX_COORD} voxels or more on an axis "
-        "(the supported range)"),
+        "a coordinate is out of range: an index outside [0, spatial_shape) of its grid "
+        f"(from_indices, dense), or points that (with the kernel's reach) span {MAX_COORD} "
+        "voxels or more on an axis (the supported range)"),
     ErrorCode.DUPLICATE_INPUT: (
         "duplicated input voxels: Open3D counts each copy, a kernel map holds one point per "
-        "voxel; merge them first with jax_sparseconv.unique_voxels"),
+        "voxel. Several clouds in one array? Pass their cloud ids as batch= (spconv's "
+        "indices[:, 0]; SparseTensor.from_indices takes them). One cloud with repeated "
+        "points? Merge them first with jax_sparseconv.unique_voxels"),
     ErrorCode.BAD_VOXEL_SIZE: "voxel_size is not positive and finite",
     ErrorCode.BAD_BATCH: "a batch index is negative (global pooling: or not below num_clouds)",
     ErrorCode.CAPACITY_OVERFLOW: "the result has more rows than the capacity given",
@@ -101,13 +106,21 @@ def bit(condition, code: ErrorCode):
   return jnp.where(jnp.any(condition), jnp.int32(code), jnp.int32(0))
 
 
-_mode = os.environ.get("JAX_SPARSECONV_ERRORS", "raise")
-if _mode not in ERROR_MODES:
-  raise ValueError(f"JAX_SPARSECONV_ERRORS must be one of {ERROR_MODES}, got {_mode!r}")
+def _checked_mode(mode: str, what: str = "error mode") -> str:
+  if mode not in ERROR_MODES:
+    raise ValueError(f"{what} must be one of {ERROR_MODES}, got {mode!r}")
+  return mode
+
+
+# A jit-cache-sensitive JAX user context: a program traced in one mode is never reused in
+# the other (so switching needs no cache clearing).
+_setting = jax.make_user_context(
+    _checked_mode(os.environ.get("JAX_SPARSECONV_ERRORS", "raise"), "JAX_SPARSECONV_ERRORS"))
 
 
 def set_error_mode(mode: str) -> str:
-  """How value errors found inside ``jit``/``vmap`` reach you; returns the previous mode.
+  """How value errors found inside ``jit``/``vmap`` reach you, for the process; returns
+  the previous mode.
 
   * ``"raise"`` (default; also read from ``$JAX_SPARSECONV_ERRORS``): a host callback
     raises :class:`InvalidInputError` when the program runs (surfacing as a
@@ -116,21 +129,33 @@ def set_error_mode(mode: str) -> str:
     results are NaN (the voxel utilities' positions and features too). Use it for programs that must
     not call back to Python: ``jax.export``, some production serving setups.
 
-  Outside ``jit`` errors always raise at once. Compiled programs keep the mode they were
-  traced with, so this clears JAX's compilation caches.
+  Outside ``jit`` errors always raise at once. The mode is part of ``jax.jit``'s cache
+  key: functions traced before keep their programs for the old mode and are traced anew
+  for the new one; no cache is cleared. For one block of code, use :func:`error_mode`.
   """
-  global _mode
-  if mode not in ERROR_MODES:
-    raise ValueError(f"error mode must be one of {ERROR_MODES}, got {mode!r}")
-  previous, _mode = _mode, mode
-  if previous != mode:
-    jax.clear_caches()
+  previous = _setting.get_global()
+  _setting.set_global(_checked_mode(mode))
   return previous
 
 
+@contextlib.contextmanager
+def error_mode(mode: str) -> Iterator[str]:
+  """``with sc.error_mode("flag"): ...``: the mode of :func:`set_error_mode` for the
+  programs traced inside the block (this thread only); the process setting is untouched.
+
+  >>> import jax_sparseconv as sc
+  >>> with sc.error_mode("flag"):
+  ...   sc.get_error_mode()
+  'flag'
+  """
+  with _setting(_checked_mode(mode)):
+    yield mode
+
+
 def get_error_mode() -> str:
-  """The current choice of :func:`set_error_mode`."""
-  return _mode
+  """The mode in effect here: the innermost :func:`error_mode` block's, else the process
+  setting."""
+  return _setting.value
 
 
 def report(flags, where: str):
@@ -138,7 +163,7 @@ def report(flags, where: str):
   if not isinstance(flags, jax.core.Tracer):
     if describe(flags):
       raise InvalidInputError(where, int(np.bitwise_or.reduce(np.asarray(flags).ravel())))
-  elif _mode == "raise":
+  elif get_error_mode() == "raise":
     jax.debug.callback(functools.partial(_raise_if_set, where=where), flags)
   return flags
 

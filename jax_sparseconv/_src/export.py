@@ -79,8 +79,5 @@ def export_mode() -> Iterator[None]:
     >>> sc.get_error_mode() == previous
     True
   """
-  previous = errors.set_error_mode("flag")
-  try:
+  with errors.error_mode("flag"):
     yield
-  finally:
-    errors.set_error_mode(previous)

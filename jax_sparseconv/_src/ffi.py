@@ -19,6 +19,7 @@ are decided here and passed down as shapes: the kernels take no attributes.
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -30,11 +31,30 @@ _SUPPORTED = tuple(jnp.dtype(t) for t in (jnp.float16, jnp.bfloat16, jnp.float32
 PARTIAL_ELEMS = 16 * 2**20
 
 
+#: Builds that are installed but failed to import: ``{module name: the error}`` (a build
+#: that is simply absent is not listed). ``backend.cuda_status`` reports them.
+load_errors: dict[str, str] = {}
+
+
 def _load(name: str, platform: str):
-  """Imports one kernel build and registers its handlers; None when it is absent."""
+  """Imports one kernel build and registers its handlers; None when it is absent or broken.
+
+  Absent (no such module: built without nvcc, say) is quiet here; a module that exists but
+  fails to import (a missing shared library, an undefined symbol, an FFI API mismatch) is
+  recorded in :data:`load_errors` and warned about, never swallowed."""
+  qualified = f"jax_sparseconv.{name}"
   try:
-    module = importlib.import_module(f"jax_sparseconv.{name}")
-  except ImportError:
+    module = importlib.import_module(qualified)
+  except ModuleNotFoundError as e:
+    if e.name == qualified:  # not built
+      return None
+    load_errors[name] = f"{type(e).__name__}: {e}"
+  except ImportError as e:
+    load_errors[name] = f"{type(e).__name__}: {e}"
+  if name in load_errors:
+    warnings.warn(f"jax_sparseconv: the compiled module {name} is installed but cannot be "
+                  f"imported ({load_errors[name]}); its kernels are unavailable",
+                  RuntimeWarning, stacklevel=2)
     return None
   for target, capsule in module.handlers().items():
     jax.ffi.register_ffi_target(target, capsule, platform=platform)
@@ -93,11 +113,14 @@ def gather_matmul(x, w, nbr, out_dtype):
 
 
 def num_partitions(m: int, s: int, cin: int, cout: int) -> int:
-  """Row partitions of the kernel gradient: enough blocks to fill a GPU (~528 blocks),
+  """Row partitions of the kernel gradient: enough blocks to fill a GPU (at most 528 blocks,
+  the 4 resident blocks of each of an H100's 132 SMs: one wave),
   a bounded workspace; a function of the shapes only, so the reduction order is fixed.
   (``s * parts`` stays near 528, far below the grid limit that the CUDA handler checks.)"""
   tiles = max(1, -(-cin // 64) * -(-cout // 64))
-  want = max(1, min(-(-m // 2048), -(-528 // max(1, s * tiles))))
+  # Rounded down: S * tiles * parts <= 528 blocks is one wave on 132 SMs x 4 blocks
+  # (rounding up gave e.g. 540 = 27 * 20 for 27 slots: a lone second wave of 12 blocks).
+  want = max(1, min(-(-m // 2048), 528 // max(1, s * tiles)))
   cap = max(1, PARTIAL_ELEMS // max(1, s * cin * cout))
   return int(min(want, cap))
 
@@ -157,4 +180,37 @@ def cpu_invert(nbr, n):
   """The inverse of a kernel map and whether it is exact, by the native CPU kernel."""
   *batch, _, s = nbr.shape
   return _call("jsc_cpu_invert", [((*batch, n, s), jnp.int32), (tuple(batch), bool)],
+               nbr.astype(jnp.int32), vmap_method="broadcast_all")
+
+
+# ------------------------------------------------------------------ search (CUDA source)
+# ffi/search_cuda.cu: nvcc's build on GPUs, the host shim's on the CPU (backend "host").
+
+
+def table_size(n: int) -> int:
+  """Entries of the CUDA search's hash table for ``n`` inputs: a power of two above ``2 n``
+  (at most half full, so that linear probing stays short)."""
+  return 1 << (int(n).bit_length() + 1)
+
+
+def cuda_neighbors(in_coords, in_batch, in_mask, out_coords, out_batch, out_mask, deltas):
+  """``(neighbors, duplicate)`` by the CUDA search (``jsc_neighbors``, a hash table of
+  voxels): exactly :func:`cpu_neighbors`' table, with the smallest input index where two
+  valid inputs share a voxel. The hash table is a workspace result (dropped)."""
+  *batch, n, _ = in_coords.shape
+  m = out_coords.shape[-2]
+  nbr, dup, _ = _call("jsc_neighbors",
+                      [((*batch, m, deltas.shape[0]), jnp.int32), (tuple(batch), bool),
+                       ((*batch, table_size(n), 4), jnp.int32)],
+                      in_coords.astype(jnp.int32), in_batch.astype(jnp.int32), in_mask,
+                      out_coords.astype(jnp.int32), out_batch.astype(jnp.int32), out_mask,
+                      jnp.asarray(deltas, jnp.int32), vmap_method="broadcast_all")
+  return nbr, dup
+
+
+def cuda_invert(nbr, n):
+  """The inverse of a kernel map and whether it is exact, by the CUDA kernel
+  (``jsc_invert``; the same table as :func:`cpu_invert`)."""
+  *batch, _, s = nbr.shape
+  return _call("jsc_invert", [((*batch, n, s), jnp.int32), (tuple(batch), bool)],
                nbr.astype(jnp.int32), vmap_method="broadcast_all")

@@ -79,15 +79,16 @@ def _with_zero_row(x):
   return jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
 
 
-def _x_cotangent(x_aval, rows, kernel, nbr, inv, unique, jnp_op):
+def _x_cotangent(x_aval, rows, kernel, nbr, inv, unique, jnp_op, backend_name):
   """Cotangent of the gathered operand ``x`` of an op that reads ``x[nbr]``:
   ``x_bar[n] = sum_s rows[inv[n, s]] @ kernel[s]^T`` through the inverse map (a gather,
   deterministic) when it is exact, else the scatter-add of autodiff through
   ``jnp_op(x) -> rows-shaped``, whose cotangent ``rows`` is."""
-  kernel_t = jnp.swapaxes(kernel, 1, 2)
+  kernel_t = transpose_kernel(kernel, x_aval.shape[1] // max(kernel.shape[1], 1))
 
   def by_gather(rows):  # both branches vary like `rows` (shard_map)
-    return vma.match(gather_matmul(rows, kernel_t, inv, nbr, unique, x_aval.dtype), rows)[0]
+    return vma.match(gather_matmul(rows, kernel_t, inv, nbr, unique, x_aval.dtype, backend_name),
+                     rows)[0]
 
   def by_scatter(rows):
     # The primal point varies like `rows`: the vjp of an invariant one would psum it.
@@ -98,16 +99,46 @@ def _x_cotangent(x_aval, rows, kernel, nbr, inv, unique, jnp_op):
   return jax.lax.cond(unique, by_gather, by_scatter, rows)
 
 
+def num_groups(cin: int, w) -> int:
+  """The groups of a kernel ``w`` ``(S, Cin // G, Cout)`` for ``cin`` input channels."""
+  return cin // w.shape[1] if w.shape[1] else 1
+
+
+def transpose_kernel(w, groups: int):
+  """The kernel of the transposed op: ``(S, Cin // G, Cout)`` -> ``(S, Cout // G, Cin)``,
+  group by group (``swapaxes(w, 1, 2)`` for one group)."""
+  if groups == 1:
+    return jnp.swapaxes(w, 1, 2)
+  s, cg, cout = w.shape
+  return (w.reshape(s, cg, groups, cout // groups).transpose(0, 3, 2, 1)
+          .reshape(s, cout // groups, groups * cg))
+
+
+def _grouped_dot(rows, w, groups, acc):
+  """``rows (m, S * Cin) @ w`` with ``w`` ``(S, Cin // G, Cout)`` acting group by group."""
+  s, cg, cout = w.shape
+  if groups == 1:
+    return jnp.dot(rows, w.reshape(s * cg, cout), preferred_element_type=acc, precision=_EXACT)
+  g = rows.reshape(rows.shape[0], s, groups, cg)
+  y = jnp.einsum("msgc,scgo->mgo", g, w.reshape(s, cg, groups, cout // groups),
+                 preferred_element_type=acc, precision=_EXACT)
+  return y.reshape(rows.shape[0], cout)
+
+
 def _zero_cotangents(a, b):
   return (ad.Zero(a.aval) if ad.is_undefined_primal(a) else None,
           ad.Zero(b.aval) if ad.is_undefined_primal(b) else None, None, None, None)
 
 
-def _dispatch(jnp_impl, cuda_impl, cpu_impl, a, b, nbr, dtype):
-  """``backend.dispatch`` of one primitive's three implementations over ``(a, b, nbr)``;
-  the native CPU kernels are float32 only."""
+def _dispatch(jnp_impl, cuda_impl, cpu_impl, a, b, nbr, dtype, chosen, groups):
+  """``backend.dispatch`` of one primitive's three implementations over ``(a, b, nbr)``
+  under the backend the primitive was bound with; the native CPU kernels are float32 only;
+  grouped convs run as jnp on every platform."""
+  if groups != 1:
+    return jnp_impl(a, b, nbr)
   f32 = _is_f32(a.dtype, b.dtype, dtype)
-  return backend.dispatch(jnp_impl, cuda_impl, a, b, nbr, cpu_fn=cpu_impl if f32 else None)
+  return backend.dispatch(jnp_impl, cuda_impl, a, b, nbr, cpu_fn=cpu_impl if f32 else None,
+                          backend=chosen)
 
 
 def _register(prim, lowered, abstract_eval, static_names):
@@ -122,7 +153,7 @@ def _register(prim, lowered, abstract_eval, static_names):
 gather_matmul_p = Primitive("sparse_gather_matmul")
 
 
-def gather_matmul(x, w, nbr, inv, unique, out_dtype):
+def gather_matmul(x, w, nbr, inv, unique, out_dtype, backend_name=None):
   """``y[m] = sum_s x[nbr[m, s]] @ w[s]`` with sentinel ``len(x)`` reading zeros.
 
   Args:
@@ -131,26 +162,29 @@ def gather_matmul(x, w, nbr, inv, unique, out_dtype):
     inv: int32 ``(N, S)``, the inverse map, entries in ``[0, M]`` (``M`` = none).
     unique: bool scalar, whether ``inv`` is an exact inverse of ``nbr``.
     out_dtype: result dtype (static); half types accumulate in float32.
+    backend_name: the kernel backend to lower with (static; default: the one in effect,
+      :func:`backend.get_kernel_backend`, read now so that a later lowering keeps it).
 
   Returns:
     ``(M, Cout)`` in ``out_dtype``.
   """
   return gather_matmul_p.bind(*vma.match(*vma.replicated(x, w, nbr, inv, unique)),
-                              out_dtype=jnp.dtype(out_dtype))
+                              out_dtype=jnp.dtype(out_dtype),
+                              backend_name=backend_name or backend.get_kernel_backend())
 
 
 def gather_matmul_jnp(x, w, nbr, out_dtype):
   """The jnp implementation: gather a chunk of neighbour rows, one matmul per chunk."""
   m, s = nbr.shape
-  cin, cout = w.shape[1:]
+  cin, cout = x.shape[1], w.shape[2]
+  groups = num_groups(cin, w)
   acc = accum_dtype(out_dtype)
-  if m == 0 or s == 0 or cin == 0:
+  if m == 0 or s == 0 or cin == 0 or w.shape[1] == 0:
     return jnp.zeros((m, cout), out_dtype)
   xp = _with_zero_row(x)
-  w2 = w.reshape(s * cin, cout)
 
   def block(idx):
-    return jnp.dot(_gather_rows(xp, idx), w2, preferred_element_type=acc, precision=_EXACT)
+    return _grouped_dot(_gather_rows(xp, idx), w, groups, acc)
 
   rows = chunk_rows(s, cin, jnp.dtype(x.dtype).itemsize)
   if m <= rows:
@@ -159,46 +193,52 @@ def gather_matmul_jnp(x, w, nbr, out_dtype):
   return y.reshape(-1, cout)[:m].astype(out_dtype)
 
 
-def _gm_abstract_eval(x, w, nbr, inv, unique, *, out_dtype):
+def _gm_abstract_eval(x, w, nbr, inv, unique, *, out_dtype, backend_name):
   (n, cin), (s, cin_w, cout), (m, s_nbr) = x.shape, w.shape, nbr.shape
-  if cin != cin_w or s != s_nbr or inv.shape != (n, s) or unique.shape != ():
+  groups = cin // cin_w if cin_w else 1
+  if (cin != cin_w * groups or cout % groups or s != s_nbr or inv.shape != (n, s)
+      or unique.shape != ()):
     raise ValueError(f"gather_matmul: inconsistent shapes x {x.shape}, w {w.shape}, "
                      f"nbr {nbr.shape}, inv {inv.shape}, unique {unique.shape}")
   return vma.aval(x, (m, cout), out_dtype)
 
 
-def _gm_lowered(x, w, nbr, inv, unique, *, out_dtype):
+def _gm_lowered(x, w, nbr, inv, unique, *, out_dtype, backend_name):
   del inv, unique  # for the transpose rules only
   return _dispatch(functools.partial(gather_matmul_jnp, out_dtype=out_dtype),
                    functools.partial(ffi.gather_matmul, out_dtype=out_dtype),
-                   ffi.cpu_gather_matmul, x, w, nbr, out_dtype)
+                   ffi.cpu_gather_matmul, x, w, nbr, out_dtype, backend_name,
+                   num_groups(x.shape[1], w))
 
 
-def _gm_jvp_x(dx, x, w, nbr, inv, unique, *, out_dtype):
-  return gather_matmul(dx, w, nbr, inv, unique, out_dtype)
+def _gm_jvp_x(dx, x, w, nbr, inv, unique, *, out_dtype, backend_name):
+  return gather_matmul(dx, w, nbr, inv, unique, out_dtype, backend_name)
 
 
-def _gm_jvp_w(dw, x, w, nbr, inv, unique, *, out_dtype):
-  return gather_matmul(x, dw, nbr, inv, unique, out_dtype)
+def _gm_jvp_w(dw, x, w, nbr, inv, unique, *, out_dtype, backend_name):
+  return gather_matmul(x, dw, nbr, inv, unique, out_dtype, backend_name)
 
 
-def _gm_transpose(ct, x, w, nbr, inv, unique, *, out_dtype):
+def _gm_transpose(ct, x, w, nbr, inv, unique, *, out_dtype, backend_name):
   if type(ct) is ad.Zero:
     return _zero_cotangents(x, w)
   if ad.is_undefined_primal(x):
     assert not ad.is_undefined_primal(w)
     x_bar = _x_cotangent(x.aval, ct, w, nbr, inv, unique,
-                         lambda x_: gather_matmul_jnp(x_, w, nbr, out_dtype))
+                         lambda x_: gather_matmul_jnp(x_, w, nbr, out_dtype), backend_name)
     return x_bar, None, None, None, None
-  return None, kernel_grad(x, ct, nbr, inv, unique, w.aval.dtype), None, None, None
+  groups = x.shape[1] // w.aval.shape[1] if w.aval.shape[1] else 1
+  return (None, kernel_grad(x, ct, nbr, inv, unique, w.aval.dtype, backend_name, groups), None,
+          None, None)
 
 
-def _gm_batch(args, dims, *, out_dtype):
+def _gm_batch(args, dims, *, out_dtype, backend_name):
   """vmap: fold the batch into one big call (offset indices, per-batch sentinels); per
   shard when the batch axis is sharded over Explicit mesh axes (``vma.py``)."""
   axes = vma.batch_axes(args, dims)
   if axes:
-    return vma.per_shard(jax.vmap(functools.partial(gather_matmul, out_dtype=out_dtype),
+    return vma.per_shard(jax.vmap(functools.partial(gather_matmul, out_dtype=out_dtype,
+                                                    backend_name=backend_name),
                                   in_axes=tuple(dims)), axes, args, dims), 0
   x, w, nbr, inv, unique = args
   if dims[1] is not None:  # batched kernels (rare): plain vmap of the jnp version
@@ -214,11 +254,11 @@ def _gm_batch(args, dims, *, out_dtype):
   nbr_b = jnp.where(nbr == n, b * n, nbr + batch * n)  # sentinels -> the folded sentinel
   inv_b = jnp.where(inv == m, b * m, inv + batch * m)
   y = gather_matmul(x.reshape(b * n, cin), w, nbr_b.reshape(b * m, -1),
-                    inv_b.reshape(b * n, -1), unique, out_dtype)
+                    inv_b.reshape(b * n, -1), unique, out_dtype, backend_name)
   return y.reshape(b, m, -1), 0
 
 
-_register(gather_matmul_p, _gm_lowered, _gm_abstract_eval, "out_dtype")
+_register(gather_matmul_p, _gm_lowered, _gm_abstract_eval, ("out_dtype", "backend_name"))
 ad.defjvp(gather_matmul_p, _gm_jvp_x, _gm_jvp_w, None, None, None)
 ad.primitive_transposes[gather_matmul_p] = _gm_transpose
 batching.primitive_batchers[gather_matmul_p] = _gm_batch
@@ -229,24 +269,35 @@ batching.primitive_batchers[gather_matmul_p] = _gm_batch
 kernel_grad_p = Primitive("sparse_kernel_grad")
 
 
-def kernel_grad(x, ct, nbr, inv, unique, w_dtype):
-  """``dw[s] = sum_m x[nbr[m, s]]^T ct[m]``: ``(S, Cin, Cout)`` in ``w_dtype``."""
+def kernel_grad(x, ct, nbr, inv, unique, w_dtype, backend_name=None, groups=1):
+  """``dw[s] = sum_m x[nbr[m, s]]^T ct[m]``: ``(S, Cin // groups, Cout)`` in ``w_dtype``,
+  group ``g``'s outputs pairing with group ``g``'s inputs (``backend_name`` as
+  :func:`gather_matmul`)."""
   return kernel_grad_p.bind(*vma.match(*vma.replicated(x, ct, nbr, inv, unique)),
-                            w_dtype=jnp.dtype(w_dtype))
+                            w_dtype=jnp.dtype(w_dtype),
+                            backend_name=backend_name or backend.get_kernel_backend(),
+                            groups=int(groups))
 
 
-def kernel_grad_jnp(x, ct, nbr, w_dtype):
+def kernel_grad_jnp(x, ct, nbr, w_dtype, groups=1):
   """The jnp implementation, accumulated chunk by chunk in a fixed order."""
   m, s = nbr.shape
   cin, cout = x.shape[1], ct.shape[1]
+  cg = cin // groups
   acc = accum_dtype(jnp.result_type(x.dtype, ct.dtype))
   if m == 0 or s == 0 or cin == 0:
-    return jnp.zeros((s, cin, cout), w_dtype)
+    return jnp.zeros((s, cg, cout), w_dtype)
   xp = _with_zero_row(x)
 
   def partial_grad(idx, ct_chunk):  # (Cout, S * Cin): ct^T g is faster on CPU than g^T ct
-    return jax.lax.dot_general(ct_chunk, _gather_rows(xp, idx), (((0,), (0,)), ((), ())),
-                               preferred_element_type=acc, precision=_EXACT)
+    rows = _gather_rows(xp, idx)
+    if groups == 1:
+      return jax.lax.dot_general(ct_chunk, rows, (((0,), (0,)), ((), ())),
+                                 preferred_element_type=acc, precision=_EXACT)
+    g = jnp.einsum("msgc,mgo->scgo", rows.reshape(-1, s, groups, cg),
+                   ct_chunk.reshape(-1, groups, cout // groups),
+                   preferred_element_type=acc, precision=_EXACT)
+    return g.reshape(s * cg, cout).T
 
   rows = chunk_rows(s, cin, jnp.dtype(x.dtype).itemsize)
   if m <= rows:
@@ -255,60 +306,62 @@ def kernel_grad_jnp(x, ct, nbr, w_dtype):
     idx = _chunks(nbr, rows, x.shape[0])
     cts = jnp.pad(ct, ((0, idx.shape[0] * rows - m), (0, 0))).reshape(idx.shape[0], rows, cout)
     g, _ = jax.lax.scan(lambda g, a: (g + partial_grad(*a), None),
-                        jnp.zeros((cout, s * cin), acc), (idx, cts))
-  return g.T.reshape(s, cin, cout).astype(w_dtype)
+                        jnp.zeros((cout, s * cg), acc), (idx, cts))
+  return g.T.reshape(s, cg, cout).astype(w_dtype)
 
 
-def _kg_abstract_eval(x, ct, nbr, inv, unique, *, w_dtype):
+def _kg_abstract_eval(x, ct, nbr, inv, unique, *, w_dtype, backend_name, groups):
   (n, cin), (m, cout), (m_nbr, s) = x.shape, ct.shape, nbr.shape
-  if m != m_nbr or inv.shape != (n, s):
+  if m != m_nbr or inv.shape != (n, s) or cin % groups or cout % groups:
     raise ValueError(f"kernel_grad: inconsistent shapes x {x.shape}, ct {ct.shape}, "
-                     f"nbr {nbr.shape}, inv {inv.shape}")
-  return vma.aval(x, (s, cin, cout), w_dtype)
+                     f"nbr {nbr.shape}, inv {inv.shape} (groups {groups})")
+  return vma.aval(x, (s, cin // groups, cout), w_dtype)
 
 
-def _kg_lowered(x, ct, nbr, inv, unique, *, w_dtype):
+def _kg_lowered(x, ct, nbr, inv, unique, *, w_dtype, backend_name, groups):
   del inv, unique  # for the transpose rules only
-  return _dispatch(functools.partial(kernel_grad_jnp, w_dtype=w_dtype),
+  return _dispatch(functools.partial(kernel_grad_jnp, w_dtype=w_dtype, groups=groups),
                    functools.partial(ffi.kernel_grad, w_dtype=w_dtype),
-                   ffi.cpu_kernel_grad, x, ct, nbr, w_dtype)
+                   ffi.cpu_kernel_grad, x, ct, nbr, w_dtype, backend_name, groups)
 
 
-def _kg_jvp_x(dx, x, ct, nbr, inv, unique, *, w_dtype):
-  return kernel_grad(dx, ct, nbr, inv, unique, w_dtype)
+def _kg_jvp_x(dx, x, ct, nbr, inv, unique, *, w_dtype, backend_name, groups):
+  return kernel_grad(dx, ct, nbr, inv, unique, w_dtype, backend_name, groups)
 
 
-def _kg_jvp_ct(dct, x, ct, nbr, inv, unique, *, w_dtype):
-  return kernel_grad(x, dct, nbr, inv, unique, w_dtype)
+def _kg_jvp_ct(dct, x, ct, nbr, inv, unique, *, w_dtype, backend_name, groups):
+  return kernel_grad(x, dct, nbr, inv, unique, w_dtype, backend_name, groups)
 
 
-def _kg_transpose(g, x, ct, nbr, inv, unique, *, w_dtype):
+def _kg_transpose(g, x, ct, nbr, inv, unique, *, w_dtype, backend_name, groups):
   """Bilinear in (x, ct): each transpose is a gather-matmul with the cotangent ``g``
   of ``dw`` as the kernel."""
   if type(g) is ad.Zero:
     return _zero_cotangents(x, ct)
   if ad.is_undefined_primal(ct):  # ct_bar[m] = sum_s x[nbr[m, s]] @ g[s]
-    return None, gather_matmul(x, g, nbr, inv, unique, ct.aval.dtype), None, None, None
+    return (None, gather_matmul(x, g, nbr, inv, unique, ct.aval.dtype, backend_name), None,
+            None, None)
   # x_bar[n] = sum_s ct[inv[n, s]] @ g[s]^T
   x_bar = _x_cotangent(x.aval, ct, g, nbr, inv, unique,
-                       lambda x_: gather_matmul_jnp(x_, g, nbr, ct.dtype))
+                       lambda x_: gather_matmul_jnp(x_, g, nbr, ct.dtype), backend_name)
   return x_bar, None, None, None, None
 
 
-def _kg_batch(args, dims, *, w_dtype):
+def _kg_batch(args, dims, *, w_dtype, backend_name, groups):
   """vmap (per-example kernel gradients): one primitive call per example, in turn; per
   shard when the batch axis is sharded over Explicit mesh axes (``vma.py``)."""
   axes = vma.batch_axes(args, dims)
   if axes:
-    return vma.per_shard(jax.vmap(functools.partial(kernel_grad, w_dtype=w_dtype),
+    return vma.per_shard(jax.vmap(functools.partial(kernel_grad, w_dtype=w_dtype,
+                                                    backend_name=backend_name, groups=groups),
                                   in_axes=tuple(dims)), axes, args, dims), 0
   size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
   args = [batching.bdim_at_front(a, d, size) if d is not None else
           jnp.broadcast_to(a, (size, *a.shape)) for a, d in zip(args, dims)]
-  return jax.lax.map(lambda a: kernel_grad(*a, w_dtype), tuple(args)), 0
+  return jax.lax.map(lambda a: kernel_grad(*a, w_dtype, backend_name, groups), tuple(args)), 0
 
 
-_register(kernel_grad_p, _kg_lowered, _kg_abstract_eval, "w_dtype")
+_register(kernel_grad_p, _kg_lowered, _kg_abstract_eval, ("w_dtype", "backend_name", "groups"))
 ad.defjvp(kernel_grad_p, _kg_jvp_x, _kg_jvp_ct, None, None, None)
 ad.primitive_transposes[kernel_grad_p] = _kg_transpose
 batching.primitive_batchers[kernel_grad_p] = _kg_batch

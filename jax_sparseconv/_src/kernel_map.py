@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import backend, checks, errors, ffi, lattice, lookup, memory, vma
+from . import checks, errors, lattice, lookup, memory, vma
 from .errors import ErrorCode
 
 
@@ -200,6 +200,15 @@ def build_kernel_map(in_pos, out_pos, voxel_size, kernel_size, *, offset=None,
   in_pos = checks.check_positions("in_pos", in_pos)
   out_pos = checks.check_positions("out_pos", out_pos)
   checks.check_voxel_size(voxel_size)
+  return float_map(in_pos, out_pos, voxel_size, kernel_size, offset=offset, transpose=transpose,
+                   in_valid=in_valid, out_valid=out_valid, in_batch=in_batch,
+                   out_batch=out_batch)
+
+
+def float_map(in_pos, out_pos, voxel_size, kernel_size, *, offset=None, transpose=False,
+              in_valid=None, out_valid=None, in_batch=None, out_batch=None) -> KernelMap:
+  """:func:`build_kernel_map` for positions and a voxel size already checked (the convs
+  check them once, then call this)."""
   ks = checks.normalize_kernel_size(kernel_size)
   off = checks.normalize_offset(offset, ks)
   if (in_batch is None) != (out_batch is None):
@@ -261,22 +270,78 @@ def _build(in_pos, out_pos, voxel_size, in_mask, out_mask, in_batch, out_batch, 
   flags |= errors.bit(duplicate, ErrorCode.DUPLICATE_INPUT)
 
   # 3. The inverse table, for the backward pass.
-  inverse, unique = invert(neighbors, in_pos.shape[0])
+  inverse, unique = lookup.invert(neighbors, in_pos.shape[0])
   return neighbors, inverse, unique, flags
 
 
-def invert(neighbors, n):
-  """The inverse table ``(n, S)`` of ``neighbors`` and whether it is exact: the native
-  CPU kernel on the CPU (one pass, collisions counted), else a scatter checked by a
-  round trip."""
-  return backend.dispatch(functools.partial(invert_jnp, n=n), None, neighbors,
-                          cpu_fn=lambda nb: ffi.cpu_invert(nb, n))
+# ------------------------------------------------------------------ integer coordinates
 
 
-def invert_jnp(neighbors, n):
-  m, s = neighbors.shape
-  rows = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32)[:, None], (m, s))
-  slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None, :], (m, s))
-  inverse = jnp.full((n + 1, s), m, jnp.int32).at[neighbors, slots].set(rows)
-  unique = jnp.all((neighbors == n) | (inverse[neighbors, slots] == rows))
-  return inverse[:n], unique
+def lattice_map(in_coords, in_mask, in_batch, anchors, out_mask, out_batch, geometry, *,
+                flags=None, voxel_size=None, offset=None, where="kernel map") -> KernelMap:
+  """The map of a conv on integer lattice coordinates (``geometry.py``): output ``m`` reads,
+  through slot ``s``, the input at ``anchors[m] + geometry.deltas()[s]`` (its anchor is
+  ``o * stride`` in input units). A search, as :func:`build_kernel_map`, without the
+  quantisation of float positions.
+
+  Args:
+    in_coords, anchors: int32 ``(n, 3)`` / ``(m, 3)`` ``(x, y, z)`` (any sign).
+    in_mask, out_mask: bool validity; in_batch, out_batch: int32 cloud ids or None.
+    geometry: the static :class:`~jax_sparseconv._src.geometry.Geometry`.
+    flags: int32 error bits of the inputs (a level's), OR-ed into the map's.
+    voxel_size: the input level's spacing, kept in the map (for ``MAP_MISMATCH``).
+    offset: the Open3D offset this map equals, if any (for the convs' offset check).
+    where: the name the error rule reports.
+  """
+  n, m = in_coords.shape[0], anchors.shape[0]
+  memory.check_kernel_map(n, m, geometry.num_slots)
+  deltas = tuple(map(tuple, geometry.deltas().tolist()))
+  operands = vma.replicated(in_coords, in_mask, in_batch, anchors, out_mask, out_batch)
+  neighbors, inverse, unique, found = _lattice_search(deltas)(*operands)
+  flags = found if flags is None else found | flags
+  errors.report(flags, where)
+  return _assemble(neighbors, inverse, unique, in_mask, out_mask, flags, geometry, voxel_size,
+                   offset)
+
+
+@functools.lru_cache(maxsize=None)
+def _lattice_search(deltas):
+  return vma.vmap_per_shard(functools.partial(_lattice_build, deltas=deltas))
+
+
+@functools.partial(jax.jit, static_argnames=("deltas",))
+def _lattice_build(c_in, in_mask, in_batch, anchors, out_mask, out_batch, *, deltas):
+  deltas = np.asarray(deltas, np.int32).reshape(-1, 3)
+  margin = int(np.abs(deltas).max()) if deltas.size else 0
+  (c_in, c_out), _, flags = lattice.to_grid([c_in, anchors], [in_mask, out_mask], margin)
+  if in_batch is not None:
+    flags |= lattice.batch_flags(in_batch, in_mask) | lattice.batch_flags(out_batch, out_mask)
+  neighbors, duplicate = lookup.neighbors(c_in, in_mask, in_batch, c_out, out_mask, out_batch,
+                                          deltas)
+  flags |= errors.bit(duplicate, ErrorCode.DUPLICATE_INPUT)
+  inverse, unique = lookup.invert(neighbors, c_in.shape[0])
+  return neighbors, inverse, unique, flags
+
+
+def table_map(inverse, in_mask, out_mask, geometry, *, flags, voxel_size=None,
+              where="kernel map") -> KernelMap:
+  """The map of a generated output set from its table ``inverse[i, slot]`` (the output
+  input ``i`` reaches through ``slot``, ``num_out`` where none; ``generate.py``): no
+  search, the neighbour table is the table's inverse."""
+  neighbors, unique = lookup.invert(inverse, out_mask.shape[0])
+  # Two inputs reaching one output through one slot: they share a voxel.
+  flags = flags | errors.bit(~unique, ErrorCode.DUPLICATE_INPUT)
+  errors.report(flags, where)
+  return _assemble(neighbors, inverse, unique, in_mask, out_mask, flags, geometry, voxel_size,
+                   None)
+
+
+def _assemble(neighbors, inverse, unique, in_mask, out_mask, flags, geometry, voxel_size,
+              offset) -> KernelMap:
+  vs = jnp.full((), jnp.nan, jnp.float32) if voxel_size is None else jnp.asarray(
+      voxel_size, jnp.float32)
+  return KernelMap(neighbors=neighbors, inverse=inverse, out_unique=unique, in_mask=in_mask,
+                   out_mask=out_mask, voxel_size=vs, flags=flags,
+                   kernel_size=geometry.kernel_shape, offset=offset,
+                   slot_cells=tuple(range(geometry.num_slots)), num_in=in_mask.shape[0],
+                   transpose=False)

@@ -15,6 +15,9 @@ and the kernel's slots as integer offsets. Two implementations give identical re
   output looks up the blocks its window can reach (8 for K=3) and each of its queries
   answers with a bit test and a popcount in one of them. Also independent of the
   extent; packed batches key the blocks by cloud too.
+
+:func:`invert` turns a neighbour table into its inverse (the backward pass's map, and the
+opposite direction's map without a second search).
 """
 
 from __future__ import annotations
@@ -54,14 +57,40 @@ def neighbors(c_in, in_mask, in_batch, c_out, out_mask, out_batch, deltas):
   jnp_fn = functools.partial(_neighbors_jnp, deltas=deltas, packed=packed)
   native = (functools.partial(_neighbors_native, deltas=deltas)
             if ("jsc_cpu_neighbors", "cpu") in ffi.targets else None)
-  return backend.dispatch(jnp_fn, None, c_in, in_mask, in_batch, c_out, out_mask, out_batch,
+  # The CUDA search (ffi/search_cuda.cu): on GPUs where the CUDA kernels run, and on the
+  # CPU through the host shim with backend "host".
+  cuda = (functools.partial(_neighbors_native, deltas=deltas, search=ffi.cuda_neighbors)
+          if any(t == "jsc_neighbors" for t, _ in ffi.targets) else None)
+  return backend.dispatch(jnp_fn, cuda, c_in, in_mask, in_batch, c_out, out_mask, out_batch,
                           cpu_fn=native)
 
 
-def _neighbors_native(c_in, in_mask, in_batch, c_out, out_mask, out_batch, *, deltas):
+def invert(neighbors, n):
+  """The inverse table ``(n, S)`` of ``neighbors`` (``inverse[i, s]``: the output that reads
+  input ``i`` at slot ``s``, else ``m``) and whether it is exact (no two outputs read one
+  input through one slot): the native CPU kernel on the CPU (one pass, collisions
+  counted), else a scatter checked by a round trip."""
+  return backend.dispatch(functools.partial(invert_jnp, n=n), None, neighbors,
+                          cpu_fn=lambda nb: ffi.cpu_invert(nb, n))
+
+
+def invert_jnp(neighbors, n):
+  """The jnp :func:`invert`."""
+  m, s = neighbors.shape
+  rows = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32)[:, None], (m, s))
+  slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None, :], (m, s))
+  inverse = jnp.full((n + 1, s), m, jnp.int32).at[neighbors, slots].set(rows)
+  unique = jnp.all((neighbors == n) | (inverse[neighbors, slots] == rows))
+  return inverse[:n], unique
+
+
+def _neighbors_native(c_in, in_mask, in_batch, c_out, out_mask, out_batch, *, deltas,
+                      search=None):
+  """A compiled search (``ffi.cpu_neighbors``, or ``search``: ``ffi.cuda_neighbors``);
+  both take coordinates in ``[0, 2**21)``."""
   clip = functools.partial(jnp.clip, min=0, max=_NATIVE_RANGE - 1)
-  return ffi.cpu_neighbors(clip(c_in), in_batch, in_mask, clip(c_out), out_batch, out_mask,
-                           deltas)
+  return (search or ffi.cpu_neighbors)(clip(c_in), in_batch, in_mask, clip(c_out), out_batch,
+                                       out_mask, deltas)
 
 
 def _neighbors_jnp(c_in, in_mask, in_batch, c_out, out_mask, out_batch, *, deltas, packed):
@@ -74,9 +103,8 @@ def _neighbors_jnp(c_in, in_mask, in_batch, c_out, out_mask, out_batch, *, delta
   table = _BlockTable.build(sorted_keys, perm, c_in, in_batch if packed else None)
 
   deltas = np.asarray(deltas, np.int32)
-  lo_d, hi_d = deltas.min(axis=0), deltas.max(axis=0)
-  # Per axis, the blocks an output's window can touch: at most this many (static).
-  reach = [int((hi_d[a] - lo_d[a]) >> _BLOCK_SHIFT[a]) + 2 for a in range(3)]
+  lo_d = deltas.min(axis=0)
+  reach = _reach(deltas)
   if int(np.prod(reach)) >= s:  # few slots over a wide window: a block look-up per query
     return _per_query(table, perm, c_out, out_mask, out_batch if packed else None,
                       deltas), duplicate
@@ -101,6 +129,17 @@ def _neighbors_jnp(c_in, in_mask, in_batch, c_out, out_mask, out_batch, *, delta
   start, mask = (jnp.take_along_axis(cand_rows[..., i], code >> 5, axis=1) for i in (0, 1))
   pos, found = _locate(start, mask, (code & 31).astype(jnp.uint32))
   return jnp.where(found, _take(perm, pos), n).astype(jnp.int32), duplicate
+
+
+def _reach(deltas):
+  """Per axis, how many blocks an output's window (the slots' offsets ``deltas``) can touch
+  (static): a window spanning ``w = hi - lo`` voxels past its first, in blocks of ``B``,
+  starts at any phase ``p < B`` of its first block and ends in block ``(p + w) // B``, at
+  most ``ceil(w / B)`` blocks on: ``ceil(w / B) + 1`` blocks. 2 x 2 x 2 = 8 for a 3 x 3 x 3
+  kernel (w = 2), 2 x 2 x 3 = 12 for 5 x 5 x 5."""
+  deltas = np.asarray(deltas, np.int64).reshape(-1, 3)
+  span = deltas.max(axis=0) - deltas.min(axis=0)
+  return [int(-(-span[a] // (1 << sh))) + 1 for a, sh in enumerate(_BLOCK_SHIFT)]
 
 
 def _per_query(table, perm, c_out, out_mask, out_batch, deltas):

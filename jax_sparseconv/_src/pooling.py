@@ -1,32 +1,133 @@
-"""Sparse pooling: strided max/avg pooling over voxel windows, and global pooling per cloud.
+"""Sparse pooling: max/avg/sum pooling over the windows of spconv's conv rule, unpooling,
+trilinear devoxelisation (voxels -> points), and global pooling per cloud.
 
-Windows follow spconv's ``SparseMaxPool3d`` / ``SparseAvgPool3d`` (padding 0) on the voxel
-lattice: voxel ``i = floor(p / voxel_size)`` (per axis) belongs to the outputs ``o`` with
-``o * stride <= i < o * stride + kernel_size``; an output exists when its window holds at
-least one valid voxel. Output ``o`` sits at ``(o * stride + 0.5) * voxel_size`` (the first
-voxel of its window; for ``kernel_size == stride == 2`` these are the positions of
-:func:`jax_sparseconv.downsample`), on a lattice of spacing ``stride * voxel_size``.
-
-Built from the public API only: the output set comes from
-:func:`jax_sparseconv.unique_voxels`, the windows from :func:`jax_sparseconv.build_kernel_map`
-with the offset ``-(kernel_size - 1) / 2`` (the window ``{p, ..., p + (K-1) voxel_size}``).
+Windows follow spconv's ``SparseMaxPool3d`` / ``SparseAvgPool3d``: the output level is the
+one of the regular conv rule (``geometry.py``: output ``o`` with an input at
+``o*s - p + k*d``, clipped to the grid when the level has one), made by
+:meth:`SparseTensor.conv`, and each output reduces the voxels of its window through that
+map. Max pooling keeps negative maxima (spconv's CPU build clamps them to 0: a bug not
+copied here); average pooling divides by the number of voxels present (spconv's rule).
 Static shapes as everywhere: outputs have a fixed capacity and a valid count.
 """
 
 from __future__ import annotations
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jax_sparseconv as sc
-
 from . import checks, errors
 from .errors import ErrorCode
+from .geometry import Geometry, per_axis
+from .kernel_map import lattice_map
+from .tensor import SparseTensor
 
-__all__ = ["sparse_max_pool", "sparse_avg_pool", "global_max_pool", "global_avg_pool"]
+__all__ = ["sparse_max_pool", "sparse_avg_pool", "sparse_sum_pool", "level_pool", "unpool",
+           "devoxelize", "global_max_pool", "global_avg_pool"]
+
+_MODES = ("max", "avg", "sum")
+
+
+def _reduce(mode, feats, nbr):
+  """Per output row of ``nbr`` (sentinel ``len(feats)``), the max / mean / sum of the
+  inputs it reads (0 for an output that reads none)."""
+  n = feats.shape[0]
+  found = nbr < n
+  fill = -jnp.inf if mode == "max" else 0
+  rows = jnp.concatenate([feats, jnp.full((1, feats.shape[1]), fill, feats.dtype)])
+  gathered = jnp.take(rows, nbr, axis=0, mode="clip")  # (m, S, C)
+  if mode == "max":
+    out = jnp.max(gathered, axis=1)
+  else:
+    out = jnp.sum(gathered, axis=1)
+    if mode == "avg":
+      out = out / jnp.maximum(jnp.sum(found, axis=1, keepdims=True), 1).astype(feats.dtype)
+  return jnp.where(jnp.any(found, axis=1, keepdims=True), out, jnp.zeros((), feats.dtype))
+
+
+def level_pool(mode: str, t: SparseTensor, kernel_size=2, stride=None, padding=0, dilation=1,
+               *, key=None, capacity=None) -> SparseTensor:
+  """Pooling on a level: the level of the regular conv rule (spconv's ``SparseMaxPool3d``
+  / ``SparseAvgPool3d`` output set), each voxel the ``mode`` (``"max"``, ``"avg"``,
+  ``"sum"``) of its window's voxels; the map is kept under ``key`` (so :func:`unpool` and
+  an inverse conv can go back).
+
+  Per-axis arguments are in the level's index order (:attr:`SparseTensor.axis_order`);
+  ``stride`` defaults to ``kernel_size``; ``capacity`` as :meth:`SparseTensor.conv`.
+
+  >>> import jax.numpy as jnp, jax_sparseconv as sc
+  >>> from jax_sparseconv.pooling import level_pool
+  >>> idx = jnp.array([[0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 2]])   # [b, z, y, x]
+  >>> t = sc.SparseTensor.from_indices(idx, jnp.array([[1.0], [-3.0], [-2.0]]), [2, 2, 4], 1)
+  >>> p = level_pool("max", t, 2)
+  >>> int(p.count), p.feats[:2, 0].tolist(), p.indices()[:2].tolist()
+  (2, [1.0, -2.0], [[0, 0, 0, 0], [0, 0, 0, 1]])
+  """
+  if mode not in _MODES:
+    raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+  order = (lambda v: v) if t.axis_order == "zyx" else (lambda v: v[::-1])  # noqa: E731
+  ks = order(per_axis("kernel_size", kernel_size, 1))
+  st = ks if stride is None else order(per_axis("stride", stride, 1))
+  out = t.conv(ks, st, order(per_axis("padding", padding, 0)),
+               order(per_axis("dilation", dilation, 1)), rule="conv", key=key, capacity=capacity)
+  (link,) = out.maps.values()
+  km = link.kernel_map
+  y = _reduce(mode, t.feats, km.neighbors)
+  y = jnp.where(out.valid[:, None], y, jnp.zeros((), y.dtype))
+  return out.replace(feats=errors.poison(y, km.flags))
+
+
+def unpool(coarse: SparseTensor, key: str) -> SparseTensor:
+  """Back to the level the pooling (or conv) under ``key`` started from: each voxel gets
+  the sum of the coarse voxels whose window held it (the transpose of sum pooling; for
+  ``kernel_size == stride`` the one coarse voxel above it: MinkowskiEngine's unpooling).
+  Voxels no window held get 0."""
+  link = coarse.link(key)
+  up = link.kernel_map.transposed()
+  y = _reduce("sum", coarse.feats, up.neighbors)
+  return link.source.replace(feats=errors.poison(y, up.flags))
+
+
+def devoxelize(t: SparseTensor, points, *, valid=None, batch=None):
+  """Trilinear interpolation of a level's features at points (TorchSparse's
+  ``spdevoxelize``, PVCNN's voxel -> point): each point reads the up to 8 voxels around
+  it (their positions :attr:`SparseTensor.positions` the lattice corners), weights
+  ``prod(1 - |p - v| / voxel_size)`` per axis, renormalised over the voxels present (a
+  point with none gets 0). Differentiable in the features.
+
+  Args:
+    t: the level. points: float ``(P, 3)`` positions ``[x, y, z]`` (metres, as the
+      level's positions). valid: count or mask of the valid points. batch: int ``(P,)``
+      cloud ids (packed batches; required when the level has them).
+
+  Returns:
+    ``(P, C)`` features.
+  """
+  points = checks.check_positions("points", points)
+  n_pts = points.shape[0]
+  mask = checks.as_mask("valid", valid, n_pts)
+  if (batch is None) != (t.batch is None):
+    raise ValueError("give the points' batch exactly when the level is a packed batch")
+  if batch is not None:
+    batch = checks.check_batch("batch", batch, n_pts)
+  g = (points - t.origin) / t.voxel_size
+  finite = jnp.all(jnp.isfinite(g), axis=-1)
+  flags = errors.bit(mask & ~finite, ErrorCode.NONFINITE_POSITION)
+  base = jnp.floor(jnp.where(finite[:, None], g, 0))
+  big = 2.0**30
+  flags |= errors.bit(mask & jnp.any(jnp.abs(base) >= big, axis=-1), ErrorCode.OUT_OF_RANGE)
+  anchors = jnp.clip(base, -big, big).astype(jnp.int32)
+  geo = Geometry("subm", (2, 2, 2))  # corners {0, 1}^3 of the cell below each point
+  km = lattice_map(t.coords, t.valid, t.batch, anchors, mask, batch, geo, flags=flags | t.flags,
+                   where="devoxelize")
+  frac = g - base  # (P, 3) in [0, 1)
+  corners = geo.deltas()  # (8, 3) in slot order
+  w = jnp.prod(jnp.where(corners[None] == 1, frac[:, None, :], 1 - frac[:, None, :]), axis=-1)
+  w = jnp.where(km.neighbors < km.num_in, w, 0).astype(t.feats.dtype)
+  w = w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), jnp.finfo(w.dtype).tiny)
+  rows = jnp.concatenate([t.feats, jnp.zeros((1, t.feats.shape[1]), t.feats.dtype)])
+  y = jnp.einsum("ps,psc->pc", w, jnp.take(rows, km.neighbors, axis=0, mode="clip"))
+  return errors.poison(jnp.where(mask[:, None], y, 0), km.flags)
 
 
 def _int_arg(name, value):
@@ -36,63 +137,33 @@ def _int_arg(name, value):
 
 
 def _pool(mode, feats, positions, voxel_size, kernel_size, stride, valid, batch, out_capacity):
-  kernel_size = _int_arg("kernel_size", kernel_size)
-  stride = kernel_size if stride is None else _int_arg("stride", stride)
   positions = checks.check_positions("positions", positions)
   feats = checks.check_float_array("feats", feats)
   n = positions.shape[0]
   if feats.ndim != 2 or feats.shape[0] != n:
     raise ValueError(f"feats must have shape ({n}, C), got {feats.shape}")
-  checks.check_voxel_size(voxel_size)
+  kernel_size = _int_arg("kernel_size", kernel_size)
+  stride = kernel_size if stride is None else _int_arg("stride", stride)
   mask = checks.valid_mask(valid, (n,))
-  if batch is not None:
-    batch = checks.check_batch("batch", batch, n)
-  vs = jnp.asarray(voxel_size, positions.dtype)
-  # Candidate outputs of each input, per axis: o in [ceil((i - K + 1) / s), floor(i / s)].
-  per_axis = -(-kernel_size // stride)
-  idx = jnp.floor(positions / vs)
-  first = jnp.floor((idx - kernel_size + 1 + stride - 1) / stride)
-  offsets = np.array(list(itertools.product(range(per_axis), repeat=3)), np.float32)  # (P, 3)
-  cand = first[:, None, :] + offsets[None]                                       # (n, P, 3)
-  inside = jnp.all(cand * stride <= idx[:, None, :], axis=-1) & mask[:, None]
-  m = n * len(offsets)
-  cand_pos = ((cand * stride + 0.5) * vs).reshape(m, 3)
-  cand_ok = inside.reshape(m)
-  cand_b = None if batch is None else jnp.repeat(batch, len(offsets))
-  capacity = (n if per_axis == 1 else m) if out_capacity is None else int(out_capacity)
-  uv = sc.unique_voxels(cand_pos, jnp.zeros((m, 0), positions.dtype), voxel_size,
-                        valid=cand_ok, batch=cand_b, capacity=capacity)
-  out_pos, count = uv.positions, uv.count
-  out_b = None if batch is None else uv.batch
-  out_valid = jnp.arange(capacity) < count
-  km = sc.build_kernel_map(positions, out_pos, voxel_size, kernel_size,
-                           offset=(-(kernel_size - 1) / 2,) * 3, in_valid=mask,
-                           out_valid=out_valid, in_batch=batch, out_batch=out_b)
-  nbr = km.neighbors                                   # (capacity, K^3), sentinel n
-  found = nbr < n
-  if mode == "max":
-    rows = jnp.concatenate([feats, jnp.full((1, feats.shape[1]), -jnp.inf, feats.dtype)])
-    out = jnp.max(jnp.take(rows, nbr, axis=0), axis=1)
-  else:
-    rows = jnp.concatenate([feats, jnp.zeros((1, feats.shape[1]), feats.dtype)])
-    cnt = jnp.sum(found, axis=1, keepdims=True).astype(feats.dtype)
-    out = jnp.sum(jnp.take(rows, nbr, axis=0), axis=1) / jnp.maximum(cnt, 1)
-  any_found = jnp.any(found, axis=1, keepdims=True)
-  out = jnp.where(out_valid[:, None] & any_found, out, jnp.zeros((), feats.dtype))
-  # Under jit an error (e.g. too small a capacity) cannot raise: poison the results.
-  out, out_pos = errors.poison(out, km.flags), errors.poison(out_pos, km.flags)
+  t = SparseTensor.from_voxels(positions, feats, voxel_size, valid=mask, batch=batch)
+  per = -(-kernel_size // stride)
+  capacity = (n if per == 1 else n * per**3) if out_capacity is None else \
+      checks.check_capacity(out_capacity)
+  out = level_pool(mode, t, kernel_size, stride, capacity=capacity)
+  pos = errors.poison(out.positions, out.flags)
   if batch is None:
-    return out, out_pos, count
-  return out, out_pos, out_b, count
+    return out.feats, pos, out.count
+  return out.feats, pos, out.batch, out.count
 
 
 def sparse_max_pool(feats, positions, voxel_size, kernel_size: int = 2, stride: int | None = None,
                     *, valid=None, batch=None, out_capacity: int | None = None):
-  """Sparse max pooling over ``kernel_size``-cube windows with a ``stride``.
+  """Sparse max pooling over ``kernel_size``-cube windows with a ``stride``, on positions.
 
   spconv's ``SparseMaxPool3d(kernel_size, stride)`` (padding 0) on the voxel lattice;
   Open3D's ``VoxelPooling(feature_fn='max')`` is the ``kernel_size == stride`` case. Each
-  output takes the channel-wise maximum of the valid voxels in its window.
+  output takes the channel-wise maximum of the valid voxels in its window (on levels,
+  with padding and dilation: :func:`level_pool`).
 
   Args:
     feats: ``(n, C)`` features.
@@ -138,6 +209,15 @@ def sparse_avg_pool(feats, positions, voxel_size, kernel_size: int = 2, stride: 
   [2.0, 2.0]
   """
   return _pool("avg", feats, positions, voxel_size, kernel_size, stride, valid, batch,
+               out_capacity)
+
+
+def sparse_sum_pool(feats, positions, voxel_size, kernel_size: int = 2,
+                    stride: int | None = None, *, valid=None, batch=None,
+                    out_capacity: int | None = None):
+  """Sparse sum pooling (MinkowskiEngine's ``MinkowskiSumPooling``): the sum over the valid
+  voxels of each window. Arguments and results as :func:`sparse_max_pool`."""
+  return _pool("sum", feats, positions, voxel_size, kernel_size, stride, valid, batch,
                out_capacity)
 
 

@@ -84,3 +84,34 @@ def test_backend_switch_validates():
   assert sc.set_kernel_backend(sc.set_kernel_backend("jnp")) == "jnp"
   assert sc.get_kernel_backend() == before
 
+
+
+def test_switching_keeps_the_caches_and_retraces_what_runs_next(flag_errors):
+  """The backend and the error mode are jit-cache keys: a switch retraces what runs next
+  (the kernels follow the new setting, no stale program) and clears nothing (switching
+  back reuses the first program)."""
+  traces = []
+  f, args = _conv_fn()
+
+  @jax.jit
+  def g(kernel, feats, pos):
+    traces.append(sc.get_kernel_backend())
+    return f(kernel, feats, pos)
+
+  previous = sc.get_kernel_backend()
+  try:
+    for name in ("jnp", "auto", "jnp"):
+      sc.set_kernel_backend(name)
+      jax.block_until_ready(g(*args))
+      text = g.lower(*args).as_text()
+      assert ("jsc_cpu_gather_matmul" in text) == (name == "auto"), name
+  finally:
+    sc.set_kernel_backend(previous)
+  assert traces == ["jnp", "auto"]  # the third call reused the first program
+  with sc.kernel_backend("jnp"):
+    assert sc.get_kernel_backend() == "jnp"
+    assert "jsc_cpu_gather_matmul" not in g.lower(*args).as_text()
+  assert sc.get_kernel_backend() == previous
+  with sc.error_mode("raise"):
+    assert sc.get_error_mode() == "raise"
+  assert sc.get_error_mode() == "flag"

@@ -127,7 +127,7 @@ def test_packed_batch_never_crosses_clouds(rng):
 def test_cpu_invert_matches_jnp(rng, collide):
   if jax.default_backend() != "cpu":
     pytest.skip("the native CPU kernels run on the CPU")
-  from jax_sparseconv._src import kernel_map as kmod
+  from jax_sparseconv._src import lookup
   n, m, s = 300, 250, 9
   nbr = np.full((m, s), n)
   for sl in range(s):  # an injective map per slot, 200 of the 250 rows
@@ -136,7 +136,7 @@ def test_cpu_invert_matches_jnp(rng, collide):
     nbr[3, 4] = nbr[5, 4] = 17
   nbr = jnp.asarray(nbr, jnp.int32)
   inv, uniq = ffi.cpu_invert(nbr, n)
-  inv_ref, uniq_ref = kmod.invert_jnp(nbr, n)
+  inv_ref, uniq_ref = lookup.invert_jnp(nbr, n)
   assert bool(uniq) == bool(uniq_ref) == (not collide)
   if not collide:
     assert np.array_equal(np.asarray(inv), np.asarray(inv_ref))

@@ -128,7 +128,7 @@ def test_levels_nest_like_open3d_ml(rng):
     idx = np.unique(idx // 2, axis=0)
     k = int(t.count)
     assert k == len(idx)
-    got = np.unique(np.floor(np.asarray(t.positions[:k]) / float(t.voxel_size)), axis=0)
+    got = np.unique(np.floor(np.asarray(t.positions[:k]) / np.asarray(t.voxel_size)), axis=0)
     np.testing.assert_array_equal(got, idx)
     assert np.all(np.asarray(t.maps["down"].input_counts())[
         np.asarray(t.maps["down"].in_mask)] == 1)  # every finer voxel has one parent

@@ -126,11 +126,121 @@ def test_other_voxel_size():
 
 
 def test_importable_without_jax():
-  path = pathlib.Path(scenes.__file__)
-  code = ("import importlib.util, sys\n"
-          f"spec = importlib.util.spec_from_file_location('scenes', {str(path)!r})\n"
-          "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-          "assert 'jax' not in sys.modules, 'scenes.py imported jax'\n"
-          "m.lidar_voxels(1000); m.spread_voxels(1000); m.surface_voxels(1000)\n"
-          "m.room_voxels(1000)\n")
-  subprocess.run([sys.executable, "-c", code], check=True)
+  """The recipe of the subpackage's docstring, in a fresh interpreter where importing
+  jax fails: only ``scenes/`` is run, not ``jax_sparseconv/__init__.py``."""
+  path = pathlib.Path(scenes.__file__).parent
+  assert path.name == "scenes" and (path / "__init__.py").is_file()
+  code = ("import importlib.abc, importlib.util, sys\n"
+          "class NoJax(importlib.abc.MetaPathFinder):\n"
+          "  def find_spec(self, name, path=None, target=None):\n"
+          "    if name.split('.')[0] in ('jax', 'jaxlib', 'jax_sparseconv'):\n"
+          "      raise ImportError('blocked: ' + name)\n"
+          "sys.meta_path.insert(0, NoJax())\n"
+          f"path = {str(path)!r}\n"
+          "spec = importlib.util.spec_from_file_location(\n"
+          "    'scenes', path + '/__init__.py', submodule_search_locations=[path])\n"
+          "scenes = importlib.util.module_from_spec(spec)\n"
+          "sys.modules['scenes'] = scenes\n"
+          "spec.loader.exec_module(scenes)\n"
+          "assert not any(m.split('.')[0] in ('jax', 'jaxlib', 'jax_sparseconv')\n"
+          "               for m in sys.modules)\n"
+          "assert sorted(scenes.CLOUDS) == ['compact', 'indoor', 'outdoor', 'spread']\n"
+          "for fn in scenes.CLOUDS.values():\n"
+          "  print(fn.__name__, fn(1000).tobytes().hex()[:64])\n"
+          "pts, lab = scenes.lidar_points(1000)\n"
+          "print('lidar_points', len(pts), lab.max())\n")
+  out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                       text=True).stdout.splitlines()
+  here = [f"{fn.__name__} {fn(1000).tobytes().hex()[:64]}" for fn in scenes.CLOUDS.values()]
+  assert out[:4] == here  # the same generators, loaded either way
+  pts, lab = scenes.lidar_points(1000)
+  assert out[4] == f"lidar_points {len(pts)} {lab.max()}"
+
+
+def test_blocked_jax_really_fails():
+  """The blocker of ``test_importable_without_jax`` does block (else that test proves
+  nothing)."""
+  code = ("import importlib.abc, sys\n"
+          "class NoJax(importlib.abc.MetaPathFinder):\n"
+          "  def find_spec(self, name, path=None, target=None):\n"
+          "    if name.split('.')[0] in ('jax', 'jaxlib', 'jax_sparseconv'):\n"
+          "      raise ImportError('blocked: ' + name)\n"
+          "sys.meta_path.insert(0, NoJax())\n"
+          "import jax_sparseconv.scenes\n")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  assert r.returncode != 0 and "blocked: jax_sparseconv" in r.stderr
+
+
+def test_public_names():
+  """Everything the single-module ``scenes.py`` offered is still at the package level."""
+  for name in ("surface_points", "surface_voxels", "lidar_points", "lidar_voxels",
+               "spread_voxels", "room_points", "room_voxels", "cloud_stats", "CLOUDS",
+               "LIDAR_LABELS", "LIDAR_ELEVATIONS", "LIDAR_HEIGHT", "LIDAR_RANGE",
+               "RANGE_NOISE", "LIDAR_WEDGES", "SWEEP_SPACING", "CROSSING_P", "CROSSING_W",
+               "HEDGE_P", "SPREAD_VOLUME", "SPREAD_THICKNESS", "ROOM_LABELS", "ROOM_PITCH",
+               "ROOMS_PER_ROW"):
+    assert hasattr(scenes, name), name
+  assert set(scenes.__all__) <= set(dir(scenes))
+  assert scenes.LIDAR_LABELS == ("road", "sidewalk", "building", "car", "pole", "trunk",
+                                 "vegetation")
+  assert scenes.ROOM_LABELS == ("floor", "wall", "table", "chair", "ball", "column")
+
+
+def test_lidar_sweep_is_one_revolution():
+  s = scenes.lidar_sweep(0, 0, az_steps=256)
+  n = len(s.points)
+  assert s.points.dtype == np.float32 and s.points.shape == (n, 3)
+  assert s.labels.shape == s.instances.shape == s.rings.shape == (n,)
+  assert s.labels.dtype == s.instances.dtype == s.rings.dtype == np.int32
+  np.testing.assert_array_equal(s.origin, [0.0, -1.75, 0.0])
+  assert 0.6 * 64 * 256 < n < 64 * 256  # most rays return (not those into the sky)
+  assert sorted(np.unique(s.rings)) == list(range(len(scenes.LIDAR_ELEVATIONS)))
+  # every direction around the sensor is scanned
+  az = np.arctan2(s.points[:, 1] - s.origin[1], s.points[:, 0] - s.origin[0])
+  assert np.histogram(az, 16, (-np.pi, np.pi))[0].min() > 0
+  r = np.linalg.norm(s.points - s.origin.astype(np.float32), axis=1)
+  assert r.min() > scenes.LIDAR_RANGE[0] - 0.1 and r.max() < scenes.LIDAR_RANGE[1] + 0.1
+  # elevation of each point matches its ring's beam (range noise is 2 cm)
+  el = np.arcsin((s.points[:, 2] - s.origin[2]) / r)
+  assert np.median(np.abs(el - scenes.LIDAR_ELEVATIONS[s.rings])) < 1e-3
+
+
+def test_lidar_sweep_instances_and_sweeps():
+  a = scenes.lidar_sweep(0, 0, az_steps=256)
+  b = scenes.lidar_sweep(1, 0, az_steps=256)
+  car = scenes.LIDAR_LABELS.index("car")
+  assert np.all(a.instances[a.labels != car] == 0)
+  assert np.all(a.instances[a.labels == car] > 0)
+  np.testing.assert_array_equal(b.origin, [scenes.SWEEP_SPACING, -1.75, 0.0])
+  # a car seen from both sweeps keeps its id, and stays where it is
+  shared = set(np.unique(a.instances)) & set(np.unique(b.instances)) - {0}
+  assert shared
+  for i in list(shared)[:3]:
+    ca, cb = a.points[a.instances == i].mean(0), b.points[b.instances == i].mean(0)
+    assert np.linalg.norm(ca - cb) < 3.0  # the same box, seen from elsewhere
+  again = scenes.lidar_sweep(1, 0, az_steps=256)
+  np.testing.assert_array_equal(again.points, b.points)
+  with pytest.raises(ValueError):
+    scenes.lidar_sweep(-1)
+  with pytest.raises(ValueError):
+    scenes.lidar_sweep(0, az_steps=100)
+
+
+def test_lidar_points_are_a_subset_of_the_first_sweep():
+  s = scenes.lidar_sweep(0, 0, az_steps=512)
+  pts, labels = scenes.lidar_points(5_000, VS, 0, az_steps=512)
+  sweep = {tuple(p): l for p, l in zip(s.points.tolist(), s.labels.tolist())}
+  assert all(sweep.get(tuple(p)) == l for p, l in zip(pts.tolist(), labels.tolist()))
+
+
+def test_room_instances():
+  pts, cols, labels = scenes.room_points(4)
+  p2, c2, l2, inst = scenes.room_points(4, instances=True)
+  np.testing.assert_array_equal(pts, p2)
+  np.testing.assert_array_equal(cols, c2)
+  np.testing.assert_array_equal(labels, l2)
+  assert inst.dtype == np.int32 and inst.shape == labels.shape and inst.min() == 0
+  for i in np.unique(inst):
+    assert len(np.unique(labels[inst == i])) == 1  # an object has one class
+  assert np.all(labels[inst == 0] == scenes.ROOM_LABELS.index("floor"))
+  assert len(np.unique(inst)) > len(np.unique(labels))  # several walls, chairs, ...

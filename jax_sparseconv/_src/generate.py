@@ -1,0 +1,126 @@
+"""Output sets that a conv generates, with the map from each input to its outputs.
+
+A regular (``"conv"``), strided (``"floor"``) or generative transposed (``"transpose"``)
+conv of ``geometry.py`` makes its own output set from its inputs' integer coordinates.
+Every input proposes the outputs it reaches, at most one per kernel slot (a static
+number of *candidates* per input: for ``"conv"`` the offsets ``k`` that make
+``(i + p - k*d)`` divisible by ``s``, at most ``ceil(K / s)`` per axis; for
+``"transpose"`` every ``k``; for ``"floor"`` one). The candidates are merged with one
+sort of their keys (``lattice.py``: Morton words, the cloud index leading for packed
+batches), which gives the outputs in key order, and for ``"conv"`` and ``"transpose"``
+the table ``inverse[i, slot]`` (which output input ``i`` reaches through ``slot``) as a
+by-product: the kernel map without a search.
+
+Static shapes: the outputs have a fixed capacity; more outputs than that is
+``CAPACITY_OVERFLOW`` (the excess is dropped from the table, never double-counted).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import errors, lattice
+from .errors import ErrorCode
+from .geometry import Geometry
+
+
+def max_outputs(geometry: Geometry, num_in: int) -> int:
+  """An upper bound on the number of outputs ``num_in`` inputs can generate (the
+  candidate count), capped by the output grid's size when it is known (per cloud)."""
+  return num_in * _per_input(geometry)
+
+
+def _per_input(geometry: Geometry) -> int:
+  if geometry.rule == "conv":
+    return int(np.prod([t.shape[1] for t in geometry.candidates()]))
+  if geometry.rule == "transpose":
+    return geometry.num_slots
+  return 1
+
+
+def _candidates(coords, mask, geometry: Geometry):
+  """``(cand (n, C, 3), ok (n, C), slot (n, C))``: each input's candidate outputs."""
+  s = np.asarray(geometry.stride, np.int32)
+  p = np.asarray(geometry.padding, np.int32)
+  d = np.asarray(geometry.dilation, np.int32)
+  shape = geometry.out_shape()
+  n = coords.shape[0]
+  kx, ky, _ = geometry.kernel_size
+  if geometry.rule == "floor":
+    cand = jnp.floor_divide(coords, s)[:, None, :]
+    ok = mask[:, None]
+    slot = jnp.zeros((n, 1), jnp.int32)
+  elif geometry.rule == "transpose":
+    deltas = geometry.deltas()  # (S, 3): o = i*s + (k*d - p)
+    cand = coords[:, None, :] * s + deltas[None]
+    ok = jnp.broadcast_to(mask[:, None], cand.shape[:2])
+    slot = jnp.broadcast_to(jnp.arange(len(deltas), dtype=jnp.int32), cand.shape[:2])
+  else:  # "conv": o = (i + p - k*d) / s for the k of i's residue
+    tables = geometry.candidates()
+    per_axis = []
+    for a in range(3):
+      k = jnp.asarray(tables[a])[jnp.mod(coords[:, a], s[a])]  # (n, C_a), -1 = none
+      per_axis.append((k, jnp.floor_divide(coords[:, a, None] + p[a] - k * d[a], s[a])))
+    combos = list(itertools.product(*[range(t.shape[1]) for t in tables]))
+    kk = [jnp.stack([per_axis[a][0][:, c[a]] for c in combos], 1) for a in range(3)]
+    cand = jnp.stack([jnp.stack([per_axis[a][1][:, c[a]] for c in combos], 1)
+                      for a in range(3)], -1)
+    ok = mask[:, None] & (kk[0] >= 0) & (kk[1] >= 0) & (kk[2] >= 0)
+    slot = (kk[2] * ky + kk[1]) * kx + kk[0]
+  if shape is not None:  # the grid [0, out_shape) (spconv); without one, no clip
+    ok = ok & jnp.all((cand >= 0) & (cand < np.asarray(shape, np.int32)), axis=-1)
+  return cand, ok, slot.astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("geometry", "capacity"))
+def generate(coords, mask, batch, *, geometry: Geometry, capacity: int):
+  """The outputs a conv generates from inputs at integer ``coords``.
+
+  Args:
+    coords: int32 ``(n, 3)`` input coordinates ``(x, y, z)``.
+    mask: bool ``(n,)`` validity. batch: int32 ``(n,)`` cloud indices or None.
+    geometry: a ``"conv"``, ``"floor"`` or ``"transpose"`` :class:`Geometry`.
+    capacity: static number of output rows.
+
+  Returns:
+    ``(out_coords, count, out_batch, inverse, flags)``: int32 ``(capacity, 3)`` output
+    coordinates (in key order; padding rows 0), the int32 number of outputs, their
+    cloud indices (or None), int32 ``(n, S)`` ``inverse[i, slot]`` = the output that
+    input ``i`` reaches through ``slot`` (``capacity`` where none; for ``"floor"``
+    ``(n, 1)``, each input's output), and the error flags (``OUT_OF_RANGE``,
+    ``CAPACITY_OVERFLOW``).
+  """
+  n = coords.shape[0]
+  cand, ok, slot = _candidates(coords, mask, geometry)
+  c = cand.shape[1]
+  flat, flat_ok = cand.reshape(n * c, 3), ok.reshape(n * c)
+  flat_b = None if batch is None else jnp.repeat(batch, c)
+  (grid,), _, flags = lattice.to_grid([flat], [flat_ok])
+  *sorted_keys, perm = lattice.sort_keys(lattice.keys(grid, flat_b, flat_ok))
+  sorted_ok = jnp.take(flat_ok, perm)
+  new = ~lattice.same_as_previous(sorted_keys) & sorted_ok  # first candidate of each output
+  count = jnp.sum(new, dtype=jnp.int32)
+  flags |= errors.bit(count > capacity, ErrorCode.CAPACITY_OVERFLOW)
+  seg = jnp.where(sorted_ok, jnp.cumsum(new, dtype=jnp.int32) - 1, capacity)
+  seg = jnp.where(seg < capacity, seg, capacity)  # beyond the capacity: dropped
+  first = jnp.where(new & (seg < capacity), seg, capacity)
+  out = jnp.zeros((capacity, 3), jnp.int32).at[first].set(jnp.take(flat, perm, axis=0),
+                                                           mode="drop")
+  out_b = None
+  if batch is not None:
+    out_b = jnp.zeros((capacity,), jnp.int32).at[first].set(jnp.take(flat_b, perm),
+                                                           mode="drop")
+  owner = jnp.zeros((n * c,), jnp.int32).at[perm].set(seg, unique_indices=True)
+  owner = owner.reshape(n, c)
+  if geometry.rule == "floor":
+    inverse = owner
+  else:
+    rows = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, c))
+    inverse = jnp.full((n, geometry.num_slots), capacity, jnp.int32).at[
+        jnp.where(ok, rows, n), slot].set(owner, mode="drop")
+  return out, jnp.minimum(count, capacity), out_b, inverse, flags
