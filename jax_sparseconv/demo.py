@@ -176,68 +176,90 @@ class _Run:
   # ------------------------------------------------------------------ the run
 
   def run(self) -> int:
-    jax, np, args = self.jax, self.np, self.args
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    self._functions()
-    state = self._init_state()
-    history = {"loss": [], "eval": []}
-    if args.resume:
-      state, history = self._restore(state)
-    start = int(state["step"])
-    state = self.replicate(state)
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{args.devices}; "
-          f"{len(self.train_rooms)} training rooms, {len(self.eval_rooms)} held out, "
-          f"capacities per level {self.caps}; steps {start} -> {args.steps}")
-    interrupted = False
-    t0, voxels = time.perf_counter(), 0
-    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(),
-               TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
-               TimeRemainingColumn())
-    with Progress(*columns, transient=not sys.stdout.isatty()) as progress:
-      task = progress.add_task("train", total=args.steps, completed=start, info="")
-      try:
-        for step in range(start, args.steps):
-          if args.stop_after is not None and step >= args.stop_after:
-            raise KeyboardInterrupt
-          P, F, L, K = self._batch(self.train_rooms, step)
-          state, loss = self.train_step(state, *map(self.place, (P, F, L, K)))
-          loss = float(loss)
-          history["loss"].append(loss)
-          voxels += int(K.sum())
-          rate = voxels / (time.perf_counter() - t0)
-          progress.update(task, advance=1, info=f"loss {loss:.3f}  {rate:,.0f} points/s")
-          done = step + 1
-          if done % args.eval_every == 0 or done == args.steps:
-            iou, _ = self.evaluate(state)
-            history["eval"].append([done, float(np.nanmean(iou))])
-            progress.console.print(f"step {done}: loss {loss:.4f}, held-out mIoU "
-                                   f"{np.nanmean(iou):.3f}")
-          if done % args.ckpt_every == 0:
-            self._save(state, history)
-      except KeyboardInterrupt:
-        interrupted = True
+    """Start (or resume), train, save, report: the run in four named steps."""
+    state, history = self._start()
+    state, interrupted = self._train(state, history)
     self._save(state, history)
     if interrupted:
       print(f"interrupted: checkpoint saved at step {int(state['step'])} in "
             f"{self._ckpt_dir()} (continue with --resume)")
       return 130
+    return self._report(state, history)
+
+  def _start(self):
+    """The compiled functions, and the initial or restored state and history."""
+    jax, args = self.jax, self.args
+    self._functions()
+    state = self._init_state()
+    history = {"loss": [], "eval": []}
+    if args.resume:
+      state, history = self._restore(state)
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{args.devices}; "
+          f"{len(self.train_rooms)} training rooms, {len(self.eval_rooms)} held out, "
+          f"capacities per level {self.caps}; steps {int(state['step'])} -> {args.steps}")
+    self.t0 = time.perf_counter()
+    return self.replicate(state), history
+
+  def _progress(self):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+               TimeRemainingColumn())
+    return Progress(*columns, transient=not sys.stdout.isatty())
+
+  def _train(self, state, history):
+    """The training loop, with a progress bar, evaluations and checkpoints; returns the
+    state and whether it was interrupted (Ctrl-C, or ``--stop-after``)."""
+    args, points = self.args, 0
+    start = int(state["step"])
+    with self._progress() as progress:
+      task = progress.add_task("train", total=args.steps, completed=start, info="")
+      try:
+        for step in range(start, args.steps):
+          if args.stop_after is not None and step >= args.stop_after:
+            raise KeyboardInterrupt
+          state, loss, n = self._step(state, step)
+          history["loss"].append(loss)
+          points += n
+          rate = points / (time.perf_counter() - self.t0)
+          progress.update(task, advance=1, info=f"loss {loss:.3f}  {rate:,.0f} points/s")
+          self._after_step(step + 1, state, history, loss, progress.console)
+      except KeyboardInterrupt:
+        return state, True
+    return state, False
+
+  def _step(self, state, step):
+    """One optimiser step on the batch of ``step``: the state, the loss, the points."""
+    P, F, L, K = self._batch(self.train_rooms, step)
+    state, loss = self.train_step(state, *map(self.place, (P, F, L, K)))
+    return state, float(loss), int(K.sum())
+
+  def _after_step(self, done, state, history, loss, console):
+    """Evaluation and checkpoint after step ``done`` when they are due."""
+    if done % self.args.eval_every == 0 or done == self.args.steps:
+      miou = float(self.np.nanmean(self.evaluate(state)[0]))
+      history["eval"].append([done, miou])
+      console.print(f"step {done}: loss {loss:.4f}, held-out mIoU {miou:.3f}")
+    if done % self.args.ckpt_every == 0:
+      self._save(state, history)
+
+  def _report(self, state, history) -> int:
+    """Per-class IoU, plots, and the last line ``mIoU=<value>``."""
     iou, _ = self.evaluate(state)
-    miou = float(np.nanmean(iou))
+    miou = float(self.np.nanmean(iou))
     for name, v in zip(self.labels, iou):
       print(f"  IoU {name:7s} {v:.3f}")
-    if not args.no_plots:
-      self._plots(state, history)
+    if not self.args.no_plots:
+      self._plot_curves(history)
+      self._plot_predictions(state)
       print(f"plots: {self.out / 'training.png'}, {self.out / 'predictions.png'}")
-    print(f"trained {args.steps} steps in {time.perf_counter() - t0:.0f} s this run")
+    print(f"trained {self.args.steps} steps in {time.perf_counter() - self.t0:.0f} s this run")
     print(f"mIoU={miou:.4f}")
     return 0
 
-  def _plots(self, state, history):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    np = self.np
+  def _plot_curves(self, history):
+    """``training.png``: the loss and the held-out mIoU over the steps."""
+    plt, np = _pyplot(), self.np
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     ax[0].plot(np.arange(1, len(history["loss"]) + 1), history["loss"])
     ax[0].set(xlabel="step", ylabel="training loss", yscale="log", title="loss")
@@ -249,6 +271,9 @@ class _Run:
     fig.savefig(self.out / "training.png", dpi=100)
     plt.close(fig)
 
+  def _plot_predictions(self, state):
+    """``predictions.png``: ground truth and prediction of a held-out room, top-down."""
+    plt, np = _pyplot(), self.np
     P, F, L, K = self._batch(self.eval_rooms[:1], -1)
     pred = np.asarray(self.predict(state["params"], state["batch_stats"], P, F, K))[0, :K[0]]
     p, lab = P[0, :K[0]], L[0, :K[0]]
@@ -264,6 +289,13 @@ class _Run:
     fig.legend(handles=handles, loc="lower center", ncol=len(self.labels))
     fig.savefig(self.out / "predictions.png", dpi=100)
     plt.close(fig)
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
 
 
 @functools.lru_cache(maxsize=4)

@@ -34,7 +34,7 @@ from . import checks, errors, generate, lattice
 from .errors import ErrorCode
 from .geometry import Geometry, centring, per_axis
 from .kernel_map import KernelMap, lattice_map, table_map
-from .voxelize import voxelize
+from .voxelize import voxelize_flagged
 
 AXIS_ORDERS = ("xyz", "zyx")
 
@@ -120,13 +120,15 @@ class SparseTensor:
   def from_points(cls, points, feats, voxel_size, *, valid=None, batch=None, capacity=None):
     """Voxelises raw points (:func:`voxelize`: features averaged per voxel; voxel ``i``
     holds the points with ``floor(p / voxel_size) == i``)."""
-    out = voxelize(points, feats, voxel_size, valid=valid, batch=batch, capacity=capacity)
+    out, flags = voxelize_flagged(points, feats, voxel_size, valid=valid, batch=batch,
+                                  capacity=capacity)
+    errors.report(flags, "SparseTensor.from_points")
     n = out.positions.shape[0]
     vs = jnp.broadcast_to(jnp.asarray(voxel_size, jnp.float32), (3,))
     mask = jnp.arange(n) < out.count
-    # voxelize poisons every position with NaN when it found an error (errors.py).
+    # voxelize poisons every position with NaN when it found an error (errors.py): the
+    # flags say why; the coordinates of poisoned rows are 0.
     finite = jnp.all(jnp.isfinite(out.positions), axis=-1)
-    flags = errors.bit(mask & ~finite, ErrorCode.NONFINITE_POSITION)
     coords = jnp.floor(jnp.where(finite[:, None], out.positions, 0) / vs).astype(jnp.int32)
     return cls(feats=out.feats, coords=jnp.where(mask[:, None], coords, 0), valid=mask,
                batch=None if batch is None else out.batch, voxel_size=vs, origin=0.5 * vs,
@@ -442,15 +444,17 @@ class SparseTensor:
     target: its voxels, in their order, with their maps), without features."""
     return self.link(key).source
 
-  def down(self, factor: int = 2, kernel_size=2) -> "SparseTensor":
+  def down(self, factor: int = 2, kernel_size=2, *, capacity=None) -> "SparseTensor":
     """The coarse level of Open3D-ML and MinkowskiEngine: one voxel per occupied
-    ``factor``-block (coordinates ``floor(i / factor)``), with this level's capacity,
+    ``factor``-block (coordinates ``floor(i / factor)``), with ``capacity`` rows (static;
+    default this level's: always enough; fewer is ``CAPACITY_OVERFLOW`` when exceeded),
     voxel size ``factor * voxel_size``, no features yet (``C = 0``), and the maps ``"down"`` (this level ->
     coarse, the ``kernel_size`` window ``{factor * j, ...}`` for :func:`sparse_conv`)
     and ``"up"`` (its transpose, for :func:`sparse_conv_transpose` back to this level)."""
     factor = checks.check_factor(factor)
     ks = checks.normalize_kernel_size(kernel_size)
-    coarse = self.conv(ks, factor, rule="floor", key="down", capacity=self.coords.shape[0])
+    cap = self.coords.shape[0] if capacity is None else checks.check_capacity(capacity)
+    coarse = self.conv(ks, factor, rule="floor", key="down", capacity=cap)
     down = coarse.maps["down"].kernel_map
     # Open3D's window for this kernel size at the coarse positions (the old contract).
     down = dataclasses.replace(down, offset=checks.default_offset(ks))

@@ -78,6 +78,16 @@ def unique_voxels(positions, feats, voxel_size, *, valid=None, batch=None, capac
   >>> int(k), uf[:2].ravel().tolist()
   (2, [2.0, 5.0])
   """
+  result, flags = unique_voxels_flagged(positions, feats, voxel_size, valid=valid, batch=batch,
+                                       capacity=capacity)
+  errors.report(flags, "unique_voxels")
+  return result
+
+
+def unique_voxels_flagged(positions, feats, voxel_size, *, valid=None, batch=None,
+                          capacity=None):
+  """:func:`unique_voxels` and its error flags, without applying the error rule (for
+  callers that carry the flags on, e.g. ``SparseTensor.from_points``)."""
   positions = checks.check_positions("positions", positions)
   feats = checks.check_float_array("feats", feats, 2)
   n = positions.shape[0]
@@ -90,8 +100,7 @@ def unique_voxels(positions, feats, voxel_size, *, valid=None, batch=None, capac
   cap = n if capacity is None else checks.check_capacity(capacity)
   out = _unique(positions, feats, voxel_size, mask, b, cap=cap, all_valid=valid is None)
   *result, flags = out
-  errors.report(flags, "unique_voxels")
-  return Voxels(*result) if b is None else PackedVoxels(*result)
+  return (Voxels(*result) if b is None else PackedVoxels(*result)), flags
 
 
 @functools.partial(jax.jit, static_argnames=("cap", "all_valid"))
@@ -136,11 +145,20 @@ def voxelize(points, feats, voxel_size, *, valid=None, batch=None, capacity=None
   >>> int(k), p[:2].tolist()
   (2, [[0.5, 0.5, 0.5], [1.5, 0.5, 0.5]])
   """
+  result, flags = voxelize_flagged(points, feats, voxel_size, valid=valid, batch=batch,
+                                   capacity=capacity)
+  errors.report(flags, "voxelize")
+  return result
+
+
+def voxelize_flagged(points, feats, voxel_size, *, valid=None, batch=None, capacity=None):
+  """:func:`voxelize` and its error flags, without applying the error rule."""
   points = checks.check_positions("points", points)
   checks.check_voxel_size(voxel_size)
   vs = jnp.asarray(voxel_size, points.dtype)
   centres = (jnp.floor(points / vs) + 0.5) * vs
-  return unique_voxels(centres, feats, voxel_size, valid=valid, batch=batch, capacity=capacity)
+  return unique_voxels_flagged(centres, feats, voxel_size, valid=valid, batch=batch,
+                               capacity=capacity)
 
 
 @functools.partial(jax.jit, static_argnames=("factor", "all_valid"))

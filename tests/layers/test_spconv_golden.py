@@ -111,13 +111,25 @@ _CLASSES = {"SubMConv3d": scn.SubMConv3d, "SparseConv3d": scn.SparseConv3d,
             "SparseConvTranspose3d": scn.SparseConvTranspose3d}
 
 
-@pytest.fixture(params=BACKENDS)
+#: Every case runs on the default backend; these also on the jnp path and the host build of
+#: the CUDA kernels (one per rule: the backends share the maps, only the products differ).
+OTHER_BACKEND_CASES = ("subm_k3", "subm_k1", "conv_k3s2p1_odd", "conv_k311_s211", "tconv_k3s2p1",
+                       "inv_k2s2_odd", "chain_encdec", "block_conv_bn_relu")
+
+
+def _with_backends(names):
+  return [pytest.param(n, b, id=f"{n}-{b}") for n in names for b in BACKENDS
+          if b == "auto" or n in OTHER_BACKEND_CASES]
+
+
+@pytest.fixture
 def backend(request):
   with sc.kernel_backend(request.param):
     yield request.param
 
 
-@pytest.mark.parametrize("name", _cases("SubMConv3d", "SparseConv3d", "SparseConvTranspose3d"))
+@pytest.mark.parametrize("name,backend", _with_backends(
+    _cases("SubMConv3d", "SparseConv3d", "SparseConvTranspose3d")), indirect=["backend"])
 def test_conv_forward_and_gradients(name, backend):
   case = _load(name)
   layer = _conv_layer(case, _CLASSES[str(case["op"])])
@@ -141,7 +153,8 @@ def test_conv_forward_and_gradients(name, backend):
   _check("grad_bias", g_params["bias"], case["grad_bias"])
 
 
-@pytest.mark.parametrize("name", _cases("SparseInverseConv3d"))
+@pytest.mark.parametrize("name,backend", _with_backends(_cases("SparseInverseConv3d")),
+                         indirect=["backend"])
 def test_inverse_conv(name, backend):
   case = _load(name)
   fwd_case = {k[4:]: v for k, v in case.items() if k.startswith("fwd_")}
@@ -183,6 +196,7 @@ def test_inverse_conv(name, backend):
     _check(prefix + "grad_bias", g["bias"], case[prefix + "grad_bias"])
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_chain_encoder_decoder(backend):
   """SubM -> ReLU -> SparseConv3d("down1") -> ReLU -> SubM -> ReLU -> SparseInverseConv3d."""
   case = _load("chain_encdec")
@@ -223,7 +237,8 @@ def test_chain_encoder_decoder(backend):
     _check(f"stage {i} grad_bias", g["bias"], case[f"stage{i}_grad_bias"])
 
 
-@pytest.mark.parametrize("name", _cases("post_act_block"))
+@pytest.mark.parametrize("name,backend", _with_backends(_cases("post_act_block")),
+                         indirect=["backend"])
 def test_post_act_block(name, backend):
   """OpenPCDet's conv -> BatchNorm1d (eval) -> ReLU block."""
   case = _load(name)
