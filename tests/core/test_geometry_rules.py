@@ -266,3 +266,17 @@ def test_height_compression_and_dense_round_trip(rng):
   # An explicit spatial shape for a level that has none.
   no_shape = t.replace(extent=None)
   np.testing.assert_array_equal(np.asarray(no_shape.dense(spatial_shape=(4, 5, 6))), grid)
+
+
+def test_down_capacity_and_from_points_flags():
+  pts = jnp.array([[0.1, 0.1, 0.1], [0.3, 0.1, 0.1], [0.9, 0.9, 0.1], [0.6, 0.6, 0.6]])
+  t = sc.SparseTensor.from_points(pts, jnp.ones((4, 1)), 0.25)
+  coarse = t.down(capacity=3)
+  assert coarse.coords.shape == (3, 3) and int(coarse.count) == 3
+  with pytest.raises(sc.InvalidInputError, match="capacity"):
+    t.down(capacity=2)
+  # Under jit in flag mode, the flags name the real cause (not a NaN position).
+  with sc.error_mode("flag"):
+    flags = jax.jit(lambda p: sc.SparseTensor.from_points(p, jnp.ones((4, 1)), 0.25,
+                                                          capacity=2).flags)(pts)
+  assert sc.ErrorCode(int(flags)) == sc.ErrorCode.CAPACITY_OVERFLOW

@@ -312,3 +312,29 @@ def test_axis_order_names_the_columns_only():
   out = layer.apply({"params": _params(case)}, t)
   rows = _matched(out, case["out_indices"])
   _check("features", np.asarray(out.feats)[rows], case["out_features"])
+
+
+def test_nnx_layers_give_spconv_outputs():
+  """The NNX spconv layers, given spconv's weights, reproduce the encoder-decoder chain."""
+  from flax import nnx
+
+  from jax_sparseconv import nnx as snnx
+  case = _load("chain_encdec")
+  x = _level(case)
+  for i, st in enumerate(case["config"]["stages"], 1):
+    cls = getattr(snnx, st["class"])
+    w = case[f"stage{i}_weight"]
+    kw = {} if cls is snnx.SparseInverseConv3d else dict(
+        stride=tuple(int(s) for s in case[f"stage{i}_stride"]),
+        padding=tuple(int(p) for p in case[f"stage{i}_padding"]))
+    layer = cls(int(w.shape[-1]), int(w.shape[0]),
+                tuple(int(k) for k in case[f"stage{i}_kernel_size"]),
+                dilation=tuple(int(d) for d in case[f"stage{i}_dilation"]),
+                indice_key=st.get("indice_key"), rngs=nnx.Rngs(0), **kw)
+    layer.kernel = nnx.Param(jnp.asarray(kernel_from_spconv(w)))
+    layer.bias = nnx.Param(jnp.asarray(case[f"stage{i}_bias"]))
+    x = layer(x)
+    if i < 4:
+      x = x.replace(feats=jax.nn.relu(x.feats))
+    rows = _matched(x, case[f"stage{i}_indices"])
+    _check(f"stage {i}", np.asarray(x.feats)[rows], case[f"stage{i}_features"])
