@@ -1,355 +1,656 @@
-"""GPU benchmark of the CUDA kernels: ``python3 bench/gpu.py`` (one command).
+"""The first GPU run: ``python3 bench/gpu.py`` (one command, at most 5 minutes).
 
-Steps, in order (most can be skipped), everything they print saved under ``--out``
-(default ``$OUT`` or ``.``):
+One run of fixed steps, each a subprocess with its own timeout inside a total budget of
+:data:`BUDGET_S` seconds (the plan's timeouts add up to less; ``--dry-run`` prints the plan
+and fails if it does not fit; ``tests/kernels/test_gpu_bench.py`` checks it). No step ends the
+run: a step that fails or times out is recorded and the next one starts, and the table
+(``gpu_results.md``) is rewritten after every step, so whatever happens it holds every
+result so far. Steps, in order:
 
-1. ``nvidia-smi`` (``nvidia-smi.txt``);
-2. install this checkout without network access (``pip install --no-build-isolation
-   --no-deps -e .`` with ``JSC_CUDA=ON``: the CUDA kernels must build);
-3. the driver / compute-capability check of ``jax_sparseconv._src.cuda_support`` on every
-   GPU (``cuda_check.txt``): driver and runtime versions, built architectures, each GPU's
-   compute capability and probe launch; where the kernels cannot run, the reason, and no
-   timings (they would compare jnp with jnp);
-4. ``compute-sanitizer`` with racecheck, synccheck, initcheck and memcheck on a small
-   subset of the kernel tests, only the library's kernels instrumented
-   (``sanitizer_<tool>.txt``);
-5. the test suite, whose conv modules run through both the jnp path and the CUDA kernels;
-6. timings (``gpu_results.md``), for surface voxel clouds of N = 100k and 1M
-   (K = 3 submanifold, ~15 neighbours per voxel), C = 32 / 64 / 128 (Cin = Cout), float32
-   and bfloat16:
+ 1. ``env``: ``nvidia-smi`` (GPU, driver, compute capability, clocks, throttling), versions.
+ 2. ``build``: ``pip install --no-build-isolation --no-deps -e .`` with ``JSC_CUDA=ON`` for
+    this GPU's architecture only (``JSC_CUDA_ARCHITECTURES=<cc>-real``: a third of the
+    compile time); then this script re-executes itself (a fresh interpreter reads the
+    editable install's ``.pth``) and goes on with the next step.
+ 3. ``probe``: ``sc.kernel_builds()`` and, per GPU of this process, the driver / compute
+    capability / probe-launch check of ``cuda_support``.
+ 4. ``tests``: the kernel tests on the GPU (conv kernels against loops, bitwise
+    reproducibility, handler checks, the CUDA search against the jnp one, the module checks).
+ 5. ``cmdbuf``: bf16 and f32 conv chains (forward and backward) under XLA command buffers
+    (``--xla_gpu_graph_min_graph_size=1``, custom calls captured), against jnp.
+ 6. ``check``: forward AND backward, kernels vs jnp, float32 and bfloat16, at 100k voxels on
+    the bench clouds; the CUDA search's kernel maps vs the jnp search's (bitwise); a repeat
+    of each kernel call (bitwise).
+ 7. ``memcheck``, 8. ``racecheck``: ``compute-sanitizer`` on a few kernel tests, only the
+    library's kernels instrumented (``sanitizer.txt``).
+ 9. ``timings``: 100k voxels, C = 64, kernels vs jnp, float32 at full precision (no TF32:
+    ``jax_default_matmul_precision=highest``; the kernels are FP32 SIMT) and bfloat16,
+    forward, backward and the kernel-map build (the search), with the measured dense matmul
+    rate and copy bandwidth (the roofline).
+10. ``ncu``: Nsight Compute on one forward + backward per dtype and the search, without
+    clock locking (``--clock-control none``: the clocks the timings ran at), basic sections
+    (``ncu.txt``, ``ncu.ncu-rep``).
+11. ``trace``: one ``jax.profiler`` trace of the same calls (``trace.tar.gz``).
 
-* forward ``y = sum_s x[nbr[:, s]] @ W[s]`` with a reused kernel map, and backward
-  (feature gradient through the inverse map + kernel gradient), in milliseconds;
-* useful TFLOP/s (2 * pairs * Cin * Cout per product; backward does two) and the bytes
-  that must move (features in and out, kernel, map) in GB/s;
-* the roofline bound ``max(flops / matmul rate, bytes / copy bandwidth)`` from a dense
-  matmul and a device copy measured in the same run, and the kernel's time over it;
-* the jnp path on the same device, and the ratio;
+Every JAX step runs with ``JAX_PLATFORMS=cuda`` (a failed GPU initialisation is an error,
+not a silent CPU run) and ``XLA_PYTHON_CLIENT_PREALLOCATE=false``; this driver never
+imports JAX, so it holds no GPU memory. Result files (at most 8, :data:`RESULT_FILES`):
+``gpu_results.md``, ``results.json``, ``log.txt`` (every step's output), ``sanitizer.txt``,
+``ncu.txt``, ``ncu.ncu-rep``, ``trace.tar.gz``. ``bench/RESULTS.md`` ("GPU run checklist")
+says what to record from them.
 
-7. an Nsight Compute (``ncu --set full``) profile of the gather-matmul and kernel-gradient
-   kernels at N = 1M, C = 64, float32 and bfloat16, forward and backward
-   (``ncu_conv_n1m_c64.ncu-rep`` and its per-kernel summary ``ncu_summary.txt``).
-
-Medians over ``--repeats`` after a warm-up; timing synchronises with
-``block_until_ready``. Without a GPU, steps 1, 3, 4 and 7 say so and are skipped, and
-``--sizes 2000 --skip-install --skip-tests`` runs the rest through the host build of the
-kernels (a smoke test of this script, not a measurement).
+``--smoke`` runs the JAX steps on the CPU (host build of the kernels, small clouds): a check
+of this script, not a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
+import json
 import os
 import pathlib
+import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import tarfile
+import tempfile
+import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-HERE = pathlib.Path(__file__).parent
+HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
+#: The whole run, seconds (a GPU slot is 15 minutes, a command at most 10).
+BUDGET_S = 300
+#: Seconds kept back for writing the table and the re-exec.
+RESERVE_S = 6
+#: What the run leaves in --out (nothing else).
+RESULT_FILES = ("gpu_results.md", "results.json", "log.txt", "sanitizer.txt", "ncu.txt",
+                "ncu.ncu-rep", "trace.tar.gz")
+VS = 0.05  # voxel size of the bench clouds
+N_VOXELS = 100_000
+CHANNELS = 64
+BENCH_CLOUDS = ("compact", "outdoor", "spread", "indoor")
+#: Row marker of a JAX step's results on its stdout (parsed as they come: a step killed by
+#: its timeout keeps the rows it printed).
+ROW = "@@ROW "
+
+GPU_ENV = {"JAX_PLATFORMS": "cuda", "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+           "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+CMDBUF_FLAGS = ("--xla_gpu_graph_min_graph_size=1 "
+                "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL")
+# The kernel tests of step 4 (GPU) and the few that the sanitizers run (steps 7, 8).
+GPU_TESTS = ["tests/core/test_gather_matmul.py", "tests/core/test_backend.py",
+             "tests/core/test_lookup.py", "tests/kernels/test_cuda_support.py",
+             "tests/kernels/test_host_shim.py"]
+# The tests that run the CUDA kernels (conv kernels vs loops on every copy path, bitwise
+# repeats, gradients, handler checks; the CUDA search vs the jnp one) and the real module's
+# checks; not the gating tests on fake devices (CPU logic).
+GPU_TESTS_K = ("(matches_loop and kernels-) or reproducible or primitive_grads or "
+               "handler_checks or several_neighbour_blocks or (every_copy_path and 90) or "
+               "cuda_search or block_table or cuda_module_exports or kernel_builds_reports or "
+               "half_types or cuda_lowering_names")
+SANITIZER_TESTS = ["tests/core/test_gather_matmul.py", "tests/core/test_lookup.py"]
+SANITIZER_K = ("(matches_loop and kernels- and (tiles or small) and (float32 or bfloat16)) or "
+               "(cuda_search and packed-padded)")
 
 
-def install():
-  import jaxlib
-  cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
-         "-e", str(ROOT), "-C", "cmake.define.JSC_CUDA=ON"]
-  if tuple(int(v) for v in jaxlib.__version__.split(".")[:3]) > (0, 11, 2):
-    # Headers of this jaxlib only (no network for 0.11.2's): fine for use on this machine.
-    cmd += ["-C", "cmake.define.JSC_ALLOW_NEWER_FFI=ON"]
-  print("+", " ".join(cmd), flush=True)
-  subprocess.run(cmd, check=True)
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """One step: ``argv`` run with ``env`` added, killed (with its children) after
+  ``timeout`` seconds; ``output``: the result file it writes its log to (besides
+  ``log.txt``)."""
+  name: str
+  timeout: int
+  what: str
+  argv: tuple[str, ...]
+  env: tuple[tuple[str, str], ...] = ()
+  output: str | None = None
 
 
-def save(out, name, text):
-  path = pathlib.Path(out) / name
-  path.write_text(text)
-  return path
+def _py_step(name, smoke, *extra):
+  return (sys.executable, str(pathlib.Path(__file__).resolve()), "--step", name,
+          *(("--smoke",) if smoke else ()), *extra)
 
 
-def run_logged(cmd, out, name, timeout, env=None):
-  """Runs cmd, echoing it; stdout + stderr saved to out/name. Returns (rc, text)."""
-  print("+", " ".join(map(str, cmd)), flush=True)
+def _tool(name):
+  return shutil.which(name) or f"/usr/local/cuda/bin/{name}"
+
+
+def plan(out: pathlib.Path, smoke: bool = False, cc: str | None = None) -> list[Step]:
+  """The steps of one run, in order, with their timeouts (seconds)."""
+  jax_env = tuple({**GPU_ENV, **({"JAX_PLATFORMS": "cpu"} if smoke else {})}.items())
+  archs = f"{cc.replace('.', '')}-real" if cc else "75-real;80-real;90"
+  pip = (sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
+         "-e", str(ROOT), "-C", "cmake.define.JSC_CUDA=ON",
+         "-C", f"cmake.define.JSC_CUDA_ARCHITECTURES={archs}", *_newer_ffi_flag())
+  smi = ("nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total,clocks.sm,"
+         "clocks.max.sm,clocks.mem,power.limit,clocks_throttle_reasons.active "
+         "--format=csv; nvidia-smi; nvcc --version || /usr/local/cuda/bin/nvcc --version; "
+         f"{shlex.quote(sys.executable)} -c \"import importlib.metadata as m; "
+         "print({p: m.version(p) for p in ('jax', 'jaxlib')})\"")
+  pytest = (sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider")
+  sanitizer = lambda tool: (_tool("compute-sanitizer"), "--tool", tool, "--target-processes",
+                            "all", "--kernel-name-base", "mangled", "--kernel-name", "kns=jsc",
+                            "--error-exitcode", "99", "--print-limit", "30", *pytest,
+                            *SANITIZER_TESTS, "-k", SANITIZER_K)
+  sanitizer_env = (*jax_env, ("XLA_PYTHON_CLIENT_ALLOCATOR", "platform"))
+  ncu = (_tool("ncu"), "--clock-control", "none", "--target-processes", "all",
+         "--kernel-name-base", "function", "--kernel-name",
+         "regex:gather_matmul|kernel_grad_partial|query_outputs|insert_inputs",
+         "--launch-count", "8", "--section", "SpeedOfLight", "--section", "LaunchStats",
+         "--section", "Occupancy", "--export", str(out / "ncu"), "--force-overwrite",
+         *_py_step("profile-case", smoke))
+  return [
+      Step("env", 8, "nvidia-smi, nvcc and versions", ("bash", "-c", smi)),
+      Step("build", 90, f"pip install -e . (JSC_CUDA=ON, {archs}), then re-exec", pip),
+      Step("probe", 12, "kernel_builds() and the per-GPU check", _py_step("probe", smoke),
+           jax_env),
+      Step("tests", 40, "kernel tests on the GPU", (*pytest, *GPU_TESTS, "-k", GPU_TESTS_K),
+           jax_env),
+      Step("cmdbuf", 15, "bf16 / f32 conv chains in command buffers vs jnp",
+           _py_step("cmdbuf", smoke), (*jax_env, ("XLA_FLAGS", CMDBUF_FLAGS))),
+      Step("check", 25, "fwd + bwd vs jnp on the bench clouds; search bitwise; repeat bitwise",
+           _py_step("check", smoke), jax_env),
+      Step("memcheck", 20, "compute-sanitizer memcheck, a few kernel tests",
+           sanitizer("memcheck"), sanitizer_env, "sanitizer.txt"),
+      Step("racecheck", 20, "compute-sanitizer racecheck, a few kernel tests",
+           sanitizer("racecheck"), sanitizer_env, "sanitizer.txt"),
+      Step("timings", 28, "f32 (no TF32) and bf16, kernels vs jnp, search included",
+           _py_step("timings", smoke), jax_env),
+      Step("ncu", 22, "Nsight Compute, no clock locking", ncu, jax_env, "ncu.txt"),
+      Step("trace", 10, "one jax.profiler trace", _py_step("trace", smoke, "--out", str(out)),
+           jax_env),
+  ]
+
+
+def _newer_ffi_flag():
+  """The CMake option for a jaxlib newer than 0.11.2 (its headers only, fine on this
+  machine), read without importing jaxlib."""
   try:
-    r = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout, env=env)
-    rc, text = r.returncode, r.stdout + r.stderr
-  except subprocess.TimeoutExpired as e:
-    rc = -1
-    text = ((e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes)
-            else (e.stdout or "")) + f"\n[timed out after {timeout} s]\n"
-  save(out, name, " ".join(map(str, cmd)) + "\n\n" + text)
-  return rc, text
+    from importlib.metadata import version
+    v = tuple(int(p) for p in re.findall(r"\d+", version("jaxlib"))[:3])
+  except Exception:  # noqa: BLE001
+    return ()
+  return ("-C", "cmake.define.JSC_ALLOW_NEWER_FFI=ON") if v > (0, 11, 2) else ()
 
 
-def nvidia_smi(out):
-  """Step 1: the GPU, driver and clocks, as nvidia-smi reports them."""
-  if shutil.which("nvidia-smi") is None:
-    print("nvidia-smi: not found (no NVIDIA driver here): skipped", flush=True)
-    return ["nvidia-smi: not found"]
-  rc, text = run_logged(["nvidia-smi"], out, "nvidia-smi.txt", 60)
-  print(text, flush=True)
-  q = ["nvidia-smi", "--query-gpu=name,driver_version,compute_cap,memory.total,clocks.max.sm",
-       "--format=csv,noheader"]
-  rc2, line = run_logged(q, out, "nvidia-smi-query.txt", 60)
-  return [f"nvidia-smi: {line.strip() if rc2 == 0 else 'query failed'}"]
+def plan_total(steps) -> int:
+  return sum(s.timeout for s in steps)
 
 
-def cuda_check(out):
-  """Step 3: can the CUDA kernels run on this machine's GPUs, and why (not)."""
-  import jax_sparseconv as sc
-  from jax_sparseconv._src import backend, cuda_support, ffi
-  lines = [f"kernel_builds(): {sc.kernel_builds()}"]
-  mod = ffi.cuda
-  if mod is not None:
-    driver, runtime = mod.cuda_driver_version(), mod.cuda_runtime_version()
-    lines.append(f"_cuda_kernels: built for {mod.cuda_architectures} "
-                 f"({cuda_support.parse_architectures(mod.cuda_architectures).describe()}); "
-                 f"static CUDA runtime {runtime}; driver supports CUDA {driver} "
-                 f"(needs >= {cuda_support.MIN_DRIVER_VERSION}, "
-                 f"driver branch R{cuda_support.MIN_DRIVER_BRANCH}+)")
-    for d in backend._cuda_devices():
-      cc = getattr(d, "compute_capability", None)
-      ordinal = getattr(d, "local_hardware_id", None)
-      error, binary, ptx = mod.cuda_probe(int(d.id if ordinal is None else ordinal))
-      ok, reason = cuda_support.cuda_usable(cc, driver, mod.cuda_architectures,
-                                            runtime_version=runtime, probe_error=error)
-      lines.append(f"GPU {d.id} {d.device_kind}: compute capability {cc}; probe: "
-                   f"{error or 'ok'} (binaryVersion {binary}, ptxVersion {ptx}); "
-                   f"usable: {ok} ({reason})")
-  text = "\n".join(lines)
-  print(text, flush=True)
-  save(out, "cuda_check.txt", text + "\n")
-  return lines, bool(sc.kernel_builds()["cuda_usable"])
+# ------------------------------------------------------------------ running the plan
 
 
-# Step 4: a small subset of the kernel tests (CUDA kernels on tile edges, float32 and the
-# tensor-core path, several neighbour blocks), each tool instrumenting only the library's
-# kernels (their names contain "jsc").
-SANITIZER_TESTS = [
-    "tests/test_kernels.py", "tests/test_host_shim.py", "-k",
-    "(matches_loop and kernels- and (tiles or small) and (float32 or bfloat16)) or "
-    "(several_neighbour_blocks and 70 and (float32 or bfloat16))"]
-SANITIZER_TOOLS = ("racecheck", "synccheck", "initcheck", "memcheck")
+def run_step(step: Step, timeout: float, log) -> dict:
+  """Runs one step (its process group killed at ``timeout``); returns its record: status
+  (ok / failed / timeout / error), exit code, seconds, the rows it printed, its output."""
+  t0 = time.monotonic()
+  env = {**os.environ, **dict(step.env)}
+  rec = {"step": step.name, "what": step.what, "timeout": step.timeout,
+         "command": " ".join(shlex.quote(a) for a in step.argv)}
+  try:
+    proc = subprocess.Popen(step.argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace",
+                            start_new_session=True)
+  except OSError as e:
+    rec.update(status="error", rc=None, seconds=0.0, rows=[], text=f"cannot start: {e}")
+    return rec
+  try:
+    text, _ = proc.communicate(timeout=max(1.0, timeout))
+    status = "ok" if proc.returncode == 0 else "failed"
+  except subprocess.TimeoutExpired:
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+    text, _ = proc.communicate()
+    status = "timeout"
+  rec.update(status=status, rc=proc.returncode, seconds=round(time.monotonic() - t0, 1),
+             text=text or "")
+  rec["rows"] = [json.loads(line[len(ROW):]) for line in rec["text"].splitlines()
+                 if line.startswith(ROW)]
+  log.write(f"\n===== {step.name}: {status} (rc {proc.returncode}, {rec['seconds']} s of "
+            f"{timeout:.0f}) =====\n$ {rec['command']}\n{rec['text']}\n")
+  log.flush()
+  return rec
 
 
-def sanitize(out, timeout):
-  tool_bin = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
-  if not os.path.exists(tool_bin):
-    print("compute-sanitizer: not found: skipped", flush=True)
-    return ["compute-sanitizer: not found"], True
-  # XLA's allocator hands out pieces of one pool; the platform allocator gives every buffer
-  # its own cudaMalloc, so memcheck sees each buffer's bounds.
-  env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-         "XLA_PYTHON_CLIENT_ALLOCATOR": "platform"}
-  lines, clean = [], True
-  for tool in SANITIZER_TOOLS:
-    cmd = [tool_bin, "--tool", tool, "--target-processes", "all", "--kernel-name", "kns=jsc",
-           "--error-exitcode", "99", "--print-limit", "50",
-           sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SANITIZER_TESTS]
-    rc, text = run_logged(cmd, out, f"sanitizer_{tool}.txt", timeout)
-    summary = [ln for ln in text.splitlines() if "ERROR SUMMARY" in ln or " passed" in ln]
-    ok = rc == 0
-    clean &= ok
-    lines.append(f"compute-sanitizer {tool}: {'clean' if ok else f'FAILED (exit {rc})'}; "
-                 + "; ".join(s.strip() for s in summary[-2:]))
-    print(lines[-1], flush=True)
-  return lines, clean
+def summary(rec: dict) -> str:
+  """One line of what a step found."""
+  text = rec.get("text", "")
+  if rec["step"] == "tests" or rec["step"] in ("memcheck", "racecheck"):
+    found = re.findall(r"\d+ (?:passed|failed|skipped|errors?|deselected)", text)
+    errors = re.findall(r"ERROR SUMMARY: \d+ errors?", text)
+    return ", ".join(found + errors[-1:]) or _last_line(text)
+  if rec["step"] == "env":
+    lines = [ln for ln in text.splitlines() if ln and not ln.startswith("name,")]
+    return lines[0] if lines else _last_line(text)
+  if rec.get("rows"):
+    return f"{len(rec['rows'])} result rows"
+  return _last_line(text)
 
 
-def profile_case():
-  """What ncu profiles (step 7): N = 1M, C = 64, float32 and bfloat16, forward and backward
-  once each (the first launches: no warm-up, so ncu's launch count covers them)."""
-  import jax_sparseconv as sc
+def _last_line(text):
+  lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+  return lines[-1][:200] if lines else ""
+
+
+def write_table(out: pathlib.Path, records: list[dict], started: float, steps) -> None:
+  """gpu_results.md and results.json from the records so far (rewritten after each step)."""
+  lines = ["# bench/gpu.py", "",
+           f"budget {BUDGET_S} s, planned {plan_total(steps)} s, elapsed "
+           f"{time.time() - started:.0f} s", "",
+           "| step | status | s | timeout | summary |", "|---|---|---|---|---|"]
+  done = {r["step"]: r for r in records}
+  for s in steps:
+    r = done.get(s.name)
+    if r is None:
+      lines.append(f"| {s.name} | not run | | {s.timeout} | {s.what} |")
+    else:
+      cell = summary(r).replace("|", "/")
+      lines.append(f"| {s.name} | {r['status']} | {r['seconds']} | {s.timeout} | {cell} |")
+  for r in records:
+    if r.get("rows"):
+      keys = list(dict.fromkeys(k for row in r["rows"] for k in row))
+      lines += ["", f"## {r['step']}", "", "| " + " | ".join(keys) + " |",
+                "|" + "---|" * len(keys)]
+      lines += ["| " + " | ".join(_cell(row.get(k, "")) for k in keys) + " |"
+                for row in r["rows"]]
+  lines += ["", "What to record: bench/RESULTS.md, section \"GPU run checklist\"."]
+  (out / "gpu_results.md").write_text("\n".join(lines) + "\n")
+  slim = [{k: v for k, v in r.items() if k != "text"} for r in records]
+  (out / "results.json").write_text(json.dumps({"started": started, "records": slim},
+                                               indent=1))
+
+
+def _cell(v):
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  return str(v).replace("|", "/")
+
+
+def _cc_from(text: str) -> str | None:
+  """The compute capability nvidia-smi's query printed ("9.0"), if any."""
+  m = re.search(r"^[^,\n]+, [^,\n]+, (\d+\.\d+),", text, re.M)
+  return m.group(1) if m else None
+
+
+def drive(args) -> int:
+  """Runs the plan from step ``args.resume_at`` on; re-executes itself after the build."""
+  out = pathlib.Path(args.out).resolve()
+  out.mkdir(parents=True, exist_ok=True)
+  state_path = out / "results.json"
+  records, started, cc = [], time.time(), None
+  if not args.resume_at:  # a fresh run: no file of an earlier one mixes in
+    for name in RESULT_FILES:
+      (out / name).unlink(missing_ok=True)
+  if args.resume_at:
+    state = json.loads(state_path.read_text())
+    records, started = state["records"], state["started"]
+    cc = state.get("cc")
+  steps = plan(out, args.smoke, cc)
+  names = [s.name for s in steps]
+  first = names.index(args.resume_at) if args.resume_at else 0
+  with open(out / "log.txt", "a") as log:
+    for step in steps[first:]:
+      if args.smoke and step.name in ("env", "build", "memcheck", "racecheck", "ncu"):
+        records.append({"step": step.name, "what": step.what, "status": "skipped",
+                        "rc": None, "seconds": 0.0, "rows": [],
+                        "text": "--smoke: needs a GPU", "timeout": step.timeout})
+        write_table(out, records, started, steps)
+        continue
+      left = started + BUDGET_S - RESERVE_S - time.time()
+      if left < 2:
+        records.append({"step": step.name, "what": step.what, "status": "no time",
+                        "rc": None, "seconds": 0.0, "rows": [], "text": "budget spent",
+                        "timeout": step.timeout})
+        write_table(out, records, started, steps)
+        continue
+      rec = run_step(step, min(step.timeout, left), log)
+      records.append(rec)
+      if step.output:
+        with open(out / step.output, "a") as f:
+          f.write(f"===== {step.name} =====\n{rec['text']}\n")
+      if step.name == "env":
+        cc = _cc_from(rec["text"])
+        steps = plan(out, args.smoke, cc)  # the build for this GPU's architecture
+      write_table(out, records, started, steps)
+      if step.name == "build":
+        # A fresh interpreter sees the editable install (.pth files are read at start-up).
+        state = json.loads(state_path.read_text())
+        state_path.write_text(json.dumps({**state, "records": _with_text(records), "cc": cc},
+                                         indent=1))
+        nxt = names[names.index("build") + 1]
+        argv = [sys.executable, str(pathlib.Path(__file__).resolve()), "--out", str(out),
+                "--resume-at", nxt, *(("--smoke",) if args.smoke else ())]
+        log.write(f"\n===== re-exec: {' '.join(argv)} =====\n")
+        log.flush()
+        os.execv(sys.executable, argv)
+  print((out / "gpu_results.md").read_text())
+  return 0
+
+
+def _with_text(records):
+  """Records for the re-exec (the step texts stay in log.txt; summaries need a little)."""
+  return [{**r, "text": r.get("text", "")[-4000:]} for r in records]
+
+
+# ------------------------------------------------------------------ the JAX steps
+
+
+def _row(**kv):
+  print(ROW + json.dumps(kv, default=str), flush=True)
+
+
+def _jax_setup(smoke):
+  """Imports JAX and the package; the kernels' backend ("auto" on a GPU, the host build's
+  "host" for --smoke) and the cloud size."""
+  import jax
+  jax.config.update("jax_default_matmul_precision", "highest")
+  if not smoke and jax.default_backend() != "gpu":
+    raise SystemExit(f"expected a GPU, JAX runs on {jax.default_backend()}")
+  return ("host" if smoke else "auto"), (3000 if smoke else N_VOXELS)
+
+
+def _median_ms(fn, *args, repeats):
+  import jax
+  import numpy as np
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return 1e3 * float(np.median(times))
+
+
+def _cloud(cloud, n, seed=0):
+  """A bench cloud's voxel centres (``scenes.CLOUDS``: compact, outdoor, spread, indoor)."""
+  import numpy as np
   from jax_sparseconv import scenes
-  from jax_sparseconv._src import gather_matmul as gm
-  sc.set_kernel_backend("auto")
-  pos = scenes.surface_voxels(1_000_000, 0.05, 0)
-  km = sc.build_kernel_map(pos, pos, 0.05, 3)
-  maps = (km.neighbors, km.inverse, km.out_unique)
-  rng = np.random.default_rng(0)
-  c = 64
-  for dtype in (jnp.float32, jnp.bfloat16):
-    x = jnp.asarray(rng.standard_normal((km.num_in, c)), dtype)
-    w = jnp.asarray(rng.standard_normal((km.neighbors.shape[1], c, c)) / np.sqrt(27 * c), dtype)
-    ct = jnp.asarray(rng.standard_normal((km.neighbors.shape[0], c)), dtype)
-
-    def conv(x, w, maps, dtype=dtype):
-      return gm.gather_matmul(x, w, *maps, dtype)
-
-    fwd = jax.jit(conv).lower(x, w, maps).compile()
-    bwd = jax.jit(lambda x, w, ct, maps: jax.vjp(lambda x, w: conv(x, w, maps), x, w)[1](ct)
-                  ).lower(x, w, ct, maps).compile()
-    jax.block_until_ready(fwd(x, w, maps))
-    jax.block_until_ready(bwd(x, w, ct, maps))
-    print(f"profiled {jnp.dtype(dtype).name}: N = {km.num_in}, C = {c}", flush=True)
+  return np.asarray(scenes.CLOUDS[cloud](n, VS, seed), np.float32)
 
 
-def ncu_profile(out, timeout):
-  ncu = shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
-  if not os.path.exists(ncu):
-    print("ncu: not found: skipped", flush=True)
-    return ["ncu: not found"]
-  report = pathlib.Path(out) / "ncu_conv_n1m_c64"
-  env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-  # Per dtype: forward (1 gather-matmul), backward (gather-matmul of the feature gradient,
-  # kernel-gradient partial sums): 3 launches, 6 in all.
-  cmd = [ncu, "--target-processes", "all", "--kernel-name-base", "function",
-         "--kernel-name", "regex:gather_matmul|kernel_grad_partial", "--launch-count", "6",
-         "--set", "full", "--export", report, "--force-overwrite",
-         sys.executable, pathlib.Path(__file__).resolve(), "--profile-case"]
-  rc, text = run_logged(cmd, out, "ncu_log.txt", timeout, env=env)
-  if rc != 0:
-    print(text[-3000:], flush=True)
-    return [f"ncu: FAILED (exit {rc}); see ncu_log.txt"]
-  rc, summary = run_logged([ncu, "--import", f"{report}.ncu-rep", "--print-summary",
-                            "per-kernel"], out, "ncu_summary.txt", 600)
-  run_logged([ncu, "--import", f"{report}.ncu-rep", "--page", "details", "--csv"], out,
-             "ncu_details.csv", 600)
-  print(summary[-6000:], flush=True)
-  return [f"ncu: {report.name}.ncu-rep, ncu_summary.txt, ncu_details.csv"]
+def _arrays(rows, c, dtype, seed=0):
+  """Random features (rows, c), weights (27, c, c) and cotangent (rows, c)."""
+  import jax.numpy as jnp
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((rows, c)), dtype)
+  w = jnp.asarray(rng.standard_normal((27, c, c)) / np.sqrt(27 * c), dtype)
+  ct = jnp.asarray(rng.standard_normal((rows, c)), dtype)
+  return x, w, ct
 
 
-def run_tests():
-  cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-n", "4", str(ROOT / "tests")]
-  print("+", " ".join(cmd), flush=True)
-  return subprocess.run(cmd, cwd=ROOT).returncode
-
-
-def rooflines(repeats):
-  """Dense matmul rate (float32 and bfloat16) and device-copy bandwidth, measured."""
-  from run import median_ms
-  rates = {}
-  n = 8192 if jax.default_backend() == "gpu" else 512
-  for dt in (jnp.float32, jnp.bfloat16):
-    a = jax.random.normal(jax.random.key(0), (n, n), dt)
-    ms = median_ms(jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32)), a,
-                   repeats=repeats)
-    rates[jnp.dtype(dt).name] = 2 * n**3 / (ms * 1e-3)
-  size = 2**28 if jax.default_backend() == "gpu" else 2**22
-  x = jax.random.normal(jax.random.key(1), (size,), jnp.float32)
-  ms = median_ms(jax.jit(lambda x: x * 1.0001), x, repeats=repeats)
-  return rates, 2 * 4 * size / (ms * 1e-3)
-
-
-def case(n_vox, c, dtype, backend, repeats, km):
-  from run import median_ms
+@functools.lru_cache(maxsize=None)
+def _builder(backend):
+  """The jit-compiled K=3 kernel-map build, traced under ``backend`` (one per backend, so
+  that clouds of one size share a compilation)."""
+  import jax
   import jax_sparseconv as sc
-  from jax_sparseconv._src import gather_matmul as gm
-  sc.set_kernel_backend(backend)
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((km.num_in, c)), dtype)
-  w = jnp.asarray(rng.standard_normal((km.neighbors.shape[1], c, c)) / np.sqrt(27 * c), dtype)
-  ct = jnp.asarray(rng.standard_normal((km.neighbors.shape[0], c)), dtype)
-  maps = (km.neighbors, km.inverse, km.out_unique)  # arguments, never jit constants
+  f = jax.jit(lambda p: sc.build_kernel_map(p, p, VS, 3))
 
-  def conv(x, w, maps):
-    return gm.gather_matmul(x, w, *maps, dtype)
+  def build(pos):
+    with sc.kernel_backend(backend):
+      return f(pos)
+  return build
+
+
+def _build(pos, backend):
+  return _builder(backend)(pos)
+
+
+@functools.lru_cache(maxsize=None)
+def _fwd_bwd(backend, dtype):
+  """jit-compiled forward and backward of one conv with a given map, lowered under
+  ``backend``."""
+  import jax
+  from jax_sparseconv._src import gather_matmul as gm
+
+  def conv(x, w, maps):  # the backend is a static argument: it holds whenever traced
+    return gm.gather_matmul(x, w, *maps, dtype, backend_name=backend)
 
   fwd = jax.jit(conv)
-
-  @jax.jit
-  def bwd(x, w, ct, maps):
-    return jax.vjp(lambda x, w: conv(x, w, maps), x, w)[1](ct)
-
-  y = fwd(x, w, maps)
-  return (y, median_ms(fwd, x, w, maps, repeats=repeats),
-          median_ms(bwd, x, w, ct, maps, repeats=repeats))
+  bwd = jax.jit(lambda x, w, ct, maps: jax.vjp(lambda x, w: conv(x, w, maps), x, w)[1](ct))
+  return fwd, bwd
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
-  ap.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128])
-  ap.add_argument("--repeats", type=int, default=20)
-  ap.add_argument("--skip-install", action="store_true")
-  ap.add_argument("--skip-tests", action="store_true")
-  ap.add_argument("--skip-sanitizer", action="store_true")
-  ap.add_argument("--skip-ncu", action="store_true")
-  ap.add_argument("--tool-timeout", type=int, default=1800,
-                  help="seconds for each compute-sanitizer tool and for ncu")
-  ap.add_argument("--profile-case", action="store_true",
-                  help="internal: the run ncu profiles (step 7)")
-  ap.add_argument("--out", default=os.environ.get("OUT", "."))
-  args = ap.parse_args()
-  if args.profile_case:
-    profile_case()
-    return
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  header = nvidia_smi(out)
-  if not args.skip_install:
-    install()
+def _maps(km):
+  return (km.neighbors, km.inverse, km.out_unique)
 
+
+def _rel(a, b):
+  import numpy as np
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def step_probe(smoke):
+  import jax
   import jax_sparseconv as sc
-  from jax_sparseconv import scenes
-  on_gpu = jax.default_backend() == "gpu"
-  kernels_backend = "auto" if on_gpu else "host"
-  builds = sc.kernel_builds()
-  if on_gpu and not builds["cuda"]:
-    sys.exit("no CUDA build of the kernels: install with nvcc (JSC_CUDA=ON)")
-  check, usable = cuda_check(out)
-  header += check
-  if on_gpu and not usable:
-    save(out, "gpu_results.md", "\n".join(header) + "\n")
-    sys.exit(f"the CUDA kernels cannot run here ({builds['cuda_reason']}): no timings")
-  sanitizer_clean = True
-  if not on_gpu:
-    print("no GPU: compute-sanitizer and ncu skipped", flush=True)
-  elif not args.skip_sanitizer:
-    lines, sanitizer_clean = sanitize(out, args.tool_timeout)
-    header += lines
-  if not args.skip_tests and run_tests() != 0:
-    save(out, "gpu_results.md", "\n".join(header) + "\ntests failed: no timings\n")
-    sys.exit("tests failed: no timings")
+  from jax_sparseconv._src import backend, cuda_support, ffi
+  _jax_setup(smoke)
+  _row(what="kernel_builds", **sc.kernel_builds())
+  _row(what="jax", backend=jax.default_backend(), devices=len(jax.local_devices()),
+       processes=jax.process_count())
+  mod = ffi.cuda
+  if mod is None:
+    _row(what="cuda build", error=ffi.load_errors.get("_cuda_kernels", "not built"))
+    return
+  driver, runtime = mod.cuda_driver_version(), mod.cuda_runtime_version()
+  _row(what="cuda build", archs=mod.cuda_architectures, runtime=runtime, driver=driver,
+       needs=cuda_support.min_driver_version(runtime))
+  for d in backend._cuda_devices():
+    cc = getattr(d, "compute_capability", None)
+    ordinal = getattr(d, "local_hardware_id", None)
+    error, binary, ptx = mod.cuda_probe(int(d.id if ordinal is None else ordinal))
+    ok, reason = cuda_support.cuda_usable(cc, driver, mod.cuda_architectures,
+                                          runtime_version=runtime, probe_error=error)
+    _row(what=f"GPU {d.id}", kind=d.device_kind, cc=cc, probe=error or "ok", binary=binary,
+         ptx=ptx, usable=ok, reason=reason)
 
-  device = jax.devices()[0].device_kind
-  rates, bw = rooflines(max(5, args.repeats // 2))
-  lines = [*header, "",
-           f"device: {device} ({jax.default_backend()}); kernels: "
-           f"{'CUDA' if on_gpu else 'host build (smoke test, not a measurement)'}; "
-           f"jax {jax.__version__}",
-           f"rooflines measured here: matmul float32 {rates['float32'] / 1e12:.1f} TFLOP/s, "
-           f"bfloat16 {rates['bfloat16'] / 1e12:.1f} TFLOP/s; copy {bw / 1e9:.0f} GB/s", "",
-           "| N | C | dtype | pairs | fwd ms | fwd TFLOP/s | fwd GB/s | fwd / roofline | "
-           "bwd ms | bwd TFLOP/s | jnp fwd ms | jnp bwd ms | fwd speed-up | bwd speed-up |",
-           "|" + "---|" * 14]
-  print("\n".join(lines), flush=True)
-  for n_vox in args.sizes:
-    pos = scenes.surface_voxels(n_vox, 0.05, 0)
-    km = sc.build_kernel_map(pos, pos, 0.05, 3)
-    pairs = int(jnp.sum(km.neighbors < km.num_in))
-    for c in args.channels:
-      for dtype in (jnp.float32, jnp.bfloat16):
-        item = jnp.dtype(dtype).itemsize
-        y_k, fwd_ms, bwd_ms = case(n_vox, c, dtype, kernels_backend, args.repeats, km)
-        y_j, jfwd_ms, jbwd_ms = case(n_vox, c, dtype, "jnp", args.repeats, km)
-        err = float(jnp.linalg.norm((y_k - y_j).astype(jnp.float32)) /
-                    jnp.linalg.norm(y_j.astype(jnp.float32)))
-        if not err < (1e-5 if dtype == jnp.float32 else 2e-2):
-          sys.exit(f"kernel and jnp results differ: rel. error {err:.2e}")
-        flops = 2.0 * pairs * c * c
-        nbytes = (km.num_in + len(pos)) * c * item + 27 * c * c * item + km.neighbors.size * 4
-        bound = max(flops / rates[jnp.dtype(dtype).name], nbytes / bw)
-        row = (f"| {len(pos)} | {c} | {jnp.dtype(dtype).name} | {pairs} | {fwd_ms:.3f} | "
-               f"{flops / fwd_ms / 1e9:.1f} | {nbytes / fwd_ms / 1e6:.0f} | "
-               f"{fwd_ms * 1e-3 / bound:.1f}x | {bwd_ms:.3f} | {2 * flops / bwd_ms / 1e9:.1f} | "
-               f"{jfwd_ms:.3f} | {jbwd_ms:.3f} | {jfwd_ms / fwd_ms:.1f}x | "
-               f"{jbwd_ms / bwd_ms:.1f}x |")
-        lines.append(row)
-        print(row, flush=True)
-  sc.set_kernel_backend("auto")
-  if on_gpu and not args.skip_ncu:
-    lines += ["", *ncu_profile(out, args.tool_timeout)]
-  path = save(out, "gpu_results.md", "\n".join(lines) + "\n")
-  print(f"table written to {path}")
-  if not sanitizer_clean:
-    sys.exit("compute-sanitizer reported errors: see sanitizer_*.txt")
+
+def step_cmdbuf(smoke):
+  """bf16 and f32 chains of three convs, forward and backward in one jit (many custom calls
+  next to fusions: command buffers capture them), against the jnp backend."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import jax_sparseconv as sc
+  from jax_sparseconv._src import gather_matmul as gm
+  kernels, n = _jax_setup(smoke)
+  n = min(n, 20_000)
+  pos = _cloud("compact", n)
+  km = _build(pos, kernels)
+  maps = _maps(km)
+  rng = np.random.default_rng(1)
+  for dtype in (jnp.bfloat16, jnp.float32):
+    x = jnp.asarray(rng.standard_normal((km.num_in, 32)), dtype)
+    ws = [jnp.asarray(rng.standard_normal((27, 32, 32)) / np.sqrt(27 * 32), dtype)
+          for _ in range(3)]
+
+    def chain(x, ws, maps, dtype=dtype):
+      for w in ws:
+        x = jax.nn.relu(gm.gather_matmul(x, w, *maps, dtype))
+      return jnp.sum(x.astype(jnp.float32) ** 2)
+
+    out = {}
+    for b in (kernels, "jnp"):
+      with sc.kernel_backend(b):
+        f = jax.jit(jax.value_and_grad(chain, argnums=(0, 1)))
+        hlo = f.lower(x, ws, maps).compile().as_text() or ""
+        v, (gx, gw) = f(x, ws, maps)
+        v2, (gx2, _) = f(x, ws, maps)
+        out[b] = (v, gx, gw)
+        if b == kernels:
+          _row(what=f"chain {jnp.dtype(dtype).name}", command_buffer="command_buffer" in hlo,
+               custom_calls=hlo.count("custom_call_target=\"jsc_"),
+               repeat_bitwise=bool(np.array_equal(np.asarray(gx), np.asarray(gx2))
+                                   and float(v) == float(v2)))
+    tol = 3e-2 if dtype == jnp.bfloat16 else 1e-4
+    err = max(_rel(out[kernels][0], out["jnp"][0]), _rel(out[kernels][1], out["jnp"][1]),
+              max(_rel(a, b) for a, b in zip(out[kernels][2], out["jnp"][2])))
+    _row(what=f"chain {jnp.dtype(dtype).name} vs jnp", rel_err=err, tol=tol, ok=err <= tol)
+
+
+def step_check(smoke):
+  """Forward and backward, kernels vs jnp, on the bench clouds (f32 and bf16 on the compact
+  and outdoor clouds, f32 on the others); the CUDA search's maps vs the jnp search's; each
+  kernel call repeated (bitwise)."""
+  import jax.numpy as jnp
+  import numpy as np
+  kernels, n = _jax_setup(smoke)
+  for cloud in BENCH_CLOUDS[:2] if smoke else BENCH_CLOUDS:
+    pos = _cloud(cloud, n)
+    km_k, km_j = _build(pos, kernels), _build(pos, "jnp")
+    same = all(np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(_maps(km_k), _maps(km_j)))
+    _row(what=f"search {cloud}", n=len(pos), maps_bitwise_equal=same,
+         pairs=int(np.sum(np.asarray(km_k.neighbors) < km_k.num_in)))
+    # Both dtypes on the compact cloud, float32 on the others (compilations are shared
+    # between clouds of one size).
+    dtypes = (jnp.float32, jnp.bfloat16) if cloud == "compact" else (jnp.float32,)
+    for dtype in dtypes:
+      x, w, ct = _arrays(len(pos), CHANNELS, dtype)
+      maps = _maps(km_j)
+      (fk, bk), (fj, bj) = _fwd_bwd(kernels, dtype), _fwd_bwd("jnp", dtype)
+      y_k, y_j = fk(x, w, maps), fj(x, w, maps)
+      (gx_k, gw_k), (gx_j, gw_j) = bk(x, w, ct, maps), bj(x, w, ct, maps)
+      y_k2 = fk(x, w, maps)
+      gx_k2, gw_k2 = bk(x, w, ct, maps)
+      tol = 1e-5 if dtype == jnp.float32 else 2e-2
+      errs = {"fwd": _rel(y_k, y_j), "dx": _rel(gx_k, gx_j), "dw": _rel(gw_k, gw_j)}
+      bitwise = all(np.array_equal(np.asarray(a), np.asarray(b))
+                    for a, b in ((y_k, y_k2), (gx_k, gx_k2), (gw_k, gw_k2)))
+      _row(what=f"conv {cloud} {jnp.dtype(dtype).name}", **errs, tol=tol,
+           ok=max(errs.values()) <= tol, repeat_bitwise=bitwise)
+
+
+def step_timings(smoke):
+  """Milliseconds (median of 10 after a warm-up) at 100k voxels, C = 64: the kernel-map
+  build, forward and backward, kernels vs jnp, float32 (full precision) and bfloat16; and
+  the dense matmul rate and copy bandwidth measured here."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  kernels, n = _jax_setup(smoke)
+  reps = 3 if smoke else 10
+  dense = 512 if smoke else 8192
+  rates = {}
+  for dt in (jnp.float32, jnp.bfloat16):
+    a = jax.random.normal(jax.random.key(0), (dense, dense), dt)
+    f = jax.jit(lambda a: jnp.dot(a, a, precision=jax.lax.Precision.HIGHEST,
+                                  preferred_element_type=jnp.float32))
+    rates[jnp.dtype(dt).name] = 2 * dense**3 / (_median_ms(f, a, repeats=reps) * 1e-3)
+  size = 2**22 if smoke else 2**28
+  v = jax.random.normal(jax.random.key(1), (size,), jnp.float32)
+  bw = 8 * size / (_median_ms(jax.jit(lambda v: v * 1.0001), v, repeats=reps) * 1e-3)
+  _row(what="roofline", f32_tflops=rates["float32"] / 1e12,
+       bf16_tflops=rates["bfloat16"] / 1e12, copy_gbs=bw / 1e9)
+  pos = _cloud("compact", n)
+  search = {}
+  for b in (kernels, "jnp"):
+    search[b] = _median_ms(_builder(b), pos, repeats=reps)
+  _row(what="kernel map build (search + inverse)", n=len(pos), kernels_ms=search[kernels],
+       jnp_ms=search["jnp"], speedup=search["jnp"] / search[kernels])
+  km = _build(pos, kernels)
+  maps = _maps(km)
+  pairs = int(np.sum(np.asarray(km.neighbors) < km.num_in))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    name = jnp.dtype(dtype).name
+    x, w, ct = _arrays(len(pos), CHANNELS, dtype)
+    ms = {}
+    for b in (kernels, "jnp"):
+      fwd, bwd = _fwd_bwd(b, dtype)
+      ms[b] = (_median_ms(fwd, x, w, maps, repeats=reps),
+               _median_ms(bwd, x, w, ct, maps, repeats=reps))
+    flops = 2.0 * pairs * CHANNELS * CHANNELS
+    item = jnp.dtype(dtype).itemsize
+    nbytes = 2 * len(pos) * CHANNELS * item + 27 * CHANNELS**2 * item + km.neighbors.size * 4
+    bound_ms = 1e3 * max(flops / rates[name], nbytes / bw)
+    _row(what=f"conv {name}", n=len(pos), c=CHANNELS, pairs=pairs, fwd_ms=ms[kernels][0],
+         bwd_ms=ms[kernels][1], jnp_fwd_ms=ms["jnp"][0], jnp_bwd_ms=ms["jnp"][1],
+         fwd_tflops=flops / ms[kernels][0] / 1e9, fwd_over_roofline=ms[kernels][0] / bound_ms,
+         fwd_speedup=ms["jnp"][0] / ms[kernels][0], bwd_speedup=ms["jnp"][1] / ms[kernels][1])
+
+
+def _profile_calls(smoke):
+  """The calls ncu and the trace see: the search once, then forward + backward per dtype."""
+  import jax
+  import jax.numpy as jnp
+  kernels, n = _jax_setup(smoke)
+  pos = _cloud("compact", n)
+  km = jax.block_until_ready(_build(pos, kernels))
+  maps = _maps(km)
+  calls = []
+  for dtype in (jnp.float32, jnp.bfloat16):
+    x, w, ct = _arrays(len(pos), CHANNELS, dtype)
+    fwd, bwd = _fwd_bwd(kernels, dtype)
+    calls.append(lambda fwd=fwd, bwd=bwd, x=x, w=w, ct=ct: jax.block_until_ready(
+        (fwd(x, w, maps), bwd(x, w, ct, maps))))
+  return calls
+
+
+def step_profile_case(smoke):
+  for call in _profile_calls(smoke):
+    call()
+  _row(what="profiled", ok=True)
+
+
+def step_trace(smoke, out):
+  import jax
+  pathlib.Path(out).mkdir(parents=True, exist_ok=True)
+  calls = _profile_calls(smoke)
+  for call in calls:  # compiled before the trace
+    call()
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      for _ in range(3):
+        for call in calls:
+          call()
+    with tarfile.open(pathlib.Path(out) / "trace.tar.gz", "w:gz") as tar:
+      tar.add(d, arcname="trace")
+    files = [str(p.relative_to(d)) for p in pathlib.Path(d).rglob("*") if p.is_file()]
+  _row(what="trace", files=len(files), archive="trace.tar.gz")
+
+
+STEPS = {"probe": step_probe, "cmdbuf": step_cmdbuf, "check": step_check,
+         "timings": step_timings, "profile-case": step_profile_case}
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
+  ap.add_argument("--dry-run", action="store_true",
+                  help="print the plan and check it against the budget; run nothing")
+  ap.add_argument("--smoke", action="store_true",
+                  help="the JAX steps on the CPU (host build), small clouds: a script check")
+  ap.add_argument("--resume-at", default=None, help=argparse.SUPPRESS)
+  ap.add_argument("--step", default=None, help=argparse.SUPPRESS)
+  args = ap.parse_args(argv)
+  if args.step == "trace":
+    step_trace(args.smoke, args.out)
+    return 0
+  if args.step:
+    STEPS[args.step](args.smoke)
+    return 0
+  if args.dry_run:
+    steps = plan(pathlib.Path(args.out), args.smoke)
+    for s in steps:
+      env = " ".join(f"{k}={shlex.quote(v)}" for k, v in s.env)
+      print(f"{s.name:10s} {s.timeout:4d} s  {s.what}\n           {env} "
+            f"{' '.join(shlex.quote(a) for a in s.argv)}")
+    total = plan_total(steps)
+    fits = total + RESERVE_S <= BUDGET_S and len(RESULT_FILES) <= 8
+    print(f"total {total} s + {RESERVE_S} s reserve of a {BUDGET_S} s budget: "
+          f"{'fits' if fits else 'DOES NOT FIT'}; result files: {', '.join(RESULT_FILES)}")
+    return 0 if fits else 1
+  return drive(args)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

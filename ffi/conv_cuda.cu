@@ -416,13 +416,15 @@ __device__ inline void gather_matmul_mma(const T* __restrict__ x, const T* __res
 // ---------------------------------------------------------------- gather-matmul kernel
 // grid (ceil(M / BM) * ceil(Cout / BN)), kThreads threads. Register caps (ptxas -v: no
 // spills): float32 5 blocks per SM (48 registers; 4 on a 7.5 GPU, which holds 1024 threads
-// per SM); float64: 3 would spill; tensor cores 4 (64 registers).
+// per SM); float64: 3 would spill; tensor cores: no minimum (ptxas picks 74-80 registers,
+// no spills, so 3 blocks of 256 threads fit an SM; capped at 4 blocks, 64 registers, or at
+// 3, 80, the f16 / bf16 bodies spilled 40-232 bytes on sm_75, sm_80 and sm_90).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 750
 constexpr int kSimtBlocksPerSm = 4;
 #else
 constexpr int kSimtBlocksPerSm = 5;
 #endif
-constexpr int kMmaBlocksPerSm = 4;
+constexpr int kMmaBlocksPerSm = 0;
 template <class T>
 struct GatherBlocksPerSm {
   static constexpr int value = kIsHalf<T> ? kMmaBlocksPerSm : kSimtBlocksPerSm;

@@ -51,9 +51,15 @@ __all__ = ["main", "golden_cases", "Result"]
 TOL_F32 = 1e-4     # float32 against float64 references and Open3D's float32 results
 TOL_BF16 = 2e-2    # bfloat16 outputs (8-bit mantissa), against the rounded inputs' result
 TOL_BACKENDS = 1e-4
-# jnp's float32 matmuls on NVIDIA GPUs run at XLA's default precision, TF32 on Ampere and
-# newer (10-bit mantissa): the jnp path there is checked to this tolerance instead.
-TOL_TF32 = 5e-3
+
+
+def f32_tolerance(platform: str, backend_description: str) -> float:
+  """The float32 tolerance of a platform and backend: TOL_F32 everywhere. The jnp path's
+  matmuls ask for ``Precision.HIGHEST`` (full float32, never TF32, on any GPU) and the
+  self-test runs under ``jax.default_matmul_precision("highest")`` besides, so a GPU gets
+  no looser bound (a TF32 slip shows as a failure, not as noise)."""
+  del platform, backend_description
+  return TOL_F32
 
 
 @dataclasses.dataclass
@@ -368,6 +374,13 @@ def run_selftest(platforms: Sequence[str] | None = None, backends: Sequence[str]
   if not goldens:
     log("(no golden cases found: the package data is missing; random checks only)")
   jax.clear_caches()  # nothing compiled before this run is reused
+  with jax.default_matmul_precision("highest"):  # full float32 (no TF32) everywhere
+    _run_platforms(results, found, platforms, backends, cases, goldens, grad_order, log)
+  return results
+
+
+def _run_platforms(results, found, platforms, backends, cases, goldens, grad_order, log):
+  """The checks of :func:`run_selftest`, appended to ``results``."""
   for platform, device in found.items():
     if platforms and platform not in platforms:
       continue
@@ -381,8 +394,7 @@ def run_selftest(platforms: Sequence[str] | None = None, backends: Sequence[str]
         if backends and b not in backends:
           continue
         with _backend(b):
-          # float32 tolerance: the jnp path's matmuls on a GPU may be TF32 (see TOL_TF32)
-          tol = TOL_TF32 if platform != "cpu" and available[b].startswith("jnp") else TOL_F32
+          tol = f32_tolerance(platform, available[b])
           tols[b] = tol
           for name, path in goldens.items():
             _attempt(results, platform, b, f"Open3D golden {name}", tol,
@@ -411,7 +423,6 @@ def run_selftest(platforms: Sequence[str] | None = None, backends: Sequence[str]
           return max(tree_rel_err(outs[k], base[k]) for k in common)
         _attempt(results, platform, b, "out+grads agree with the jnp backend",
                  max(TOL_BACKENDS, tols[b], tols["jnp"]), agree)
-  return results
 
 
 def format_table(results: Sequence[Result]) -> str:

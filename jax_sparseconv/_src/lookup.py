@@ -39,6 +39,11 @@ _NATIVE_RANGE = 2 * MAX_COORD
 def neighbors(c_in, in_mask, in_batch, c_out, out_mask, out_batch, deltas):
   """``(neighbors, duplicate)`` for non-negative coordinates.
 
+  Which search runs (``backend.dispatch``): on GPUs where the CUDA kernels run, the CUDA
+  hash search (``ffi/search_cuda.cu``); on the CPU the native search (backend "auto") or
+  the same CUDA source through the host shim (backend "host"); the jnp search elsewhere and
+  with backend "jnp". All give the same table, bit for bit (tests/core/test_lookup.py).
+
   Args:
     c_in, c_out: int32 ``(n, 3)`` / ``(m, 3)`` lattice coordinates (valid rows in
       ``[0, MAX_COORD)``).
@@ -68,10 +73,10 @@ def neighbors(c_in, in_mask, in_batch, c_out, out_mask, out_batch, deltas):
 def invert(neighbors, n):
   """The inverse table ``(n, S)`` of ``neighbors`` (``inverse[i, s]``: the output that reads
   input ``i`` at slot ``s``, else ``m``) and whether it is exact (no two outputs read one
-  input through one slot): the native CPU kernel on the CPU (one pass, collisions
-  counted), else a scatter checked by a round trip."""
-  return backend.dispatch(functools.partial(invert_jnp, n=n), None, neighbors,
-                          cpu_fn=lambda nb: ffi.cpu_invert(nb, n))
+  input through one slot): the native kernels on the CPU and on GPUs (one pass,
+  collisions counted; the same table), else a scatter checked by a round trip."""
+  return backend.dispatch(functools.partial(invert_jnp, n=n), lambda nb: ffi.cuda_invert(nb, n),
+                          neighbors, cpu_fn=lambda nb: ffi.cpu_invert(nb, n))
 
 
 def invert_jnp(neighbors, n):

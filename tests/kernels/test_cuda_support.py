@@ -9,6 +9,10 @@ check fails, ``dispatch`` lowers no CUDA target and warns once with the reason, 
 
 from __future__ import annotations
 
+import pathlib
+import re
+import shutil
+import subprocess
 import warnings
 
 import jax
@@ -144,9 +148,10 @@ class FakeModule:
 
 
 class FakeDevice:
-  def __init__(self, id, cc, kind="NVIDIA A100"):
-    self.id, self.local_hardware_id, self.compute_capability = id, id, cc
-    self.device_kind = kind
+  def __init__(self, id, cc, kind="NVIDIA A100", process_index=0, local_id=None):
+    self.id, self.compute_capability = id, cc
+    self.local_hardware_id = id if local_id is None else local_id
+    self.device_kind, self.process_index = kind, process_index
 
 
 def test_check_devices_all_must_pass():
@@ -280,3 +285,163 @@ def test_half_types_at_compute_capability_7_5(rng, monkeypatch, dtype):
       assert rel_err(out[cc], expect) < (1.5e-2 if dtype == "bfloat16" else 2e-3)
   finally:
     backend.set_kernel_backend(previous)
+
+
+# ------------------------------------------------------------------ issue 22, defects 4-7
+
+
+def test_multi_host_checks_and_probes_local_gpus_only():
+  """Defect 4: jax.devices("cuda") lists every process's GPUs. Only this process's are
+  checked, each probed by its local ordinal (global ids 8, 9 are local GPUs 0, 1 of host 1);
+  another host's unusable GPU does not switch the CUDA path off here."""
+  mod = FakeModule()
+  devices = [FakeDevice(i, "7.0" if i < 8 else "9.0", process_index=i // 8, local_id=i % 8)
+             for i in range(10)]  # host 0: V100s (no image); host 1: two H100s
+  ok, reason = cs.check_devices(mod, devices, process_index=1)
+  assert ok, reason
+  assert mod.probed == [0, 1] and reason.startswith("NVIDIA A100 8:")
+  ok, reason = cs.check_devices(FakeModule(), devices, process_index=0)
+  assert not ok and "no kernel image" in reason
+  assert cs.local_only(devices, 1) == devices[8:]
+
+
+def test_cuda_devices_are_this_process_s(monkeypatch):
+  """backend._cuda_devices asks for this process's devices (jax.local_devices), never the
+  global list."""
+  fakes = [FakeDevice(0, "9.0")]
+  calls = []
+  monkeypatch.setattr(jax, "local_devices",
+                      lambda process_index=None, backend=None: calls.append(backend) or fakes)
+  monkeypatch.setattr(jax, "devices", lambda *a, **k: pytest.fail("global device list used"))
+  assert backend._cuda_devices() == fakes and calls == ["cuda"]
+
+
+@pytest.mark.parametrize("runtime,driver,ok", [
+    (12080, 12020, True),    # a CUDA 12.8 build on a 12.2 driver: minor-version compatible
+    (12090, 12000, True),
+    (12080, 11080, False),   # another major
+    (13000, 12090, False),   # the default CUDA 13 build needs R580
+    (13020, 13000, True),
+])
+def test_driver_gate_follows_the_runtime_major(runtime, driver, ok):
+  """Defect 5: the driver must support the build's runtime major version, not 13.0 always."""
+  got, reason = cs.cuda_usable("8.0", driver, DEFAULT, runtime_version=runtime)
+  assert got == ok, reason
+  assert cs.min_driver_version(runtime) == runtime // 1000 * 1000
+  if not ok:
+    assert f"CUDA >= {runtime // 1000}.0" in reason
+    assert f"R{cs.DRIVER_BRANCHES[runtime // 1000]}" in reason
+
+
+CMAKE = shutil.which("cmake")
+NVCC_CMAKE = pathlib.Path(__file__).resolve().parents[2] / "ffi" / "jsc_nvcc.cmake"
+
+
+def _fake_nvcc(tmp_path, release):
+  d = tmp_path / f"cuda-{release}" / "bin"
+  d.mkdir(parents=True)
+  nvcc = d / "nvcc"
+  nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, "
+                  f"V{release}.1'\n")
+  nvcc.chmod(0o755)
+  return nvcc
+
+
+def _find_nvcc(mode, candidate="", env=None):
+  run_env = {"PATH": "/usr/bin:/bin", **(env or {})}
+  r = subprocess.run([CMAKE, f"-DJSC_CUDA={mode}", f"-DJSC_NVCC_CANDIDATE={candidate}", "-P",
+                      str(NVCC_CMAKE)], capture_output=True, text=True, env=run_env)
+  line = re.search(r"JSC_NVCC_RESULT=(.*)", r.stderr)
+  return r.returncode, (line.group(1).split(";", 2) if line else None), r.stderr
+
+
+@pytest.mark.skipif(CMAKE is None, reason="no cmake")
+def test_nvcc_too_old_skips_cuda_under_auto_and_fails_under_on(tmp_path):
+  """Defect 5: nvcc < 12.8 skips the CUDA kernels with JSC_CUDA=AUTO (the install goes on
+  with the host build) and fails the configuration with JSC_CUDA=ON."""
+  old = _fake_nvcc(tmp_path, "12.4")
+  rc, (nvcc, version, why), _ = _find_nvcc("AUTO", old)
+  assert rc == 0 and nvcc == "" and version == "12.4" and "need nvcc >= 12.8" in why
+  rc, _, err = _find_nvcc("ON", old)
+  assert rc != 0 and "JSC_CUDA=ON, but no usable CUDA compiler" in err
+  new = _fake_nvcc(tmp_path, "12.8")
+  rc, (nvcc, version, _), _ = _find_nvcc("ON", new)
+  assert rc == 0 and nvcc == str(new) and version == "12.8"
+
+
+@pytest.mark.skipif(CMAKE is None, reason="no cmake")
+def test_nvcc_found_off_path(tmp_path):
+  """Defect 6: nvcc is found in $CUDA_HOME/bin (and /usr/local/cuda/bin), not only on PATH."""
+  nvcc = _fake_nvcc(tmp_path, "13.0")
+  rc, (found, version, _), _ = _find_nvcc("AUTO", env={"CUDA_HOME": str(nvcc.parents[1])})
+  assert rc == 0 and found == str(nvcc) and version == "13.0"
+  assert "/usr/local/cuda/bin" in NVCC_CMAKE.read_text()
+  if pathlib.Path("/usr/local/cuda/bin/nvcc").exists():  # a machine with a toolkit
+    rc, (found, _, _), _ = _find_nvcc("AUTO")
+    assert found == "/usr/local/cuda/bin/nvcc"
+
+
+def test_broken_build_is_reported_not_swallowed(monkeypatch):
+  """Defect 6: an installed module that fails to import is recorded and warned about; only
+  a module that is not there at all is quiet."""
+  def fail(name):
+    if name.endswith("_broken"):
+      raise ImportError("libcuda.so.1: cannot open shared object file")
+    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+  monkeypatch.setattr(ffi.importlib, "import_module", fail)
+  monkeypatch.setattr(ffi, "load_errors", {})
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert ffi._load("_absent", "CUDA") is None  # not built: quiet
+  with pytest.warns(RuntimeWarning, match="installed but cannot be imported"):
+    assert ffi._load("_broken", "CUDA") is None
+  assert "libcuda.so.1" in ffi.load_errors["_broken"]
+
+
+@pytest.mark.parametrize("error", [None, "ImportError: undefined symbol: cudaLaunchKernel"])
+def test_missing_cuda_build_on_a_gpu_machine_warns(monkeypatch, error):
+  """Defect 6: with GPUs but no (or a broken) CUDA build, dispatch serves the jnp path with
+  one warning saying why (a jax[cuda] wheel user without nvcc is told), not silently."""
+  monkeypatch.setattr(ffi, "cuda", None)
+  monkeypatch.setattr(ffi, "load_errors", {} if error is None else {"_cuda_kernels": error})
+  monkeypatch.setattr(backend, "_cuda_state", None)
+  monkeypatch.setattr(backend, "_warned", False)
+  monkeypatch.setattr(backend, "_cuda_devices", lambda: [FakeDevice(0, "9.0")])
+  x = jnp.arange(3.0)
+  with pytest.warns(RuntimeWarning, match="cannot run here") as record:
+    out = backend.dispatch(lambda v: v + 1, lambda v: v * 0, x, backend="auto")
+  np.testing.assert_array_equal(np.asarray(out), [1.0, 2.0, 3.0])
+  text = str(record[0].message)
+  assert ("failed to load" in text and "cudaLaunchKernel" in text) if error else \
+      ("not built" in text and "jax[cuda]" in text)
+  assert sc.kernel_builds()["cuda_usable"] is False
+  # No GPU in the process: nothing to warn about.
+  monkeypatch.setattr(backend, "_warned", False)
+  monkeypatch.setattr(backend, "_cuda_devices", lambda: [])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    backend.dispatch(lambda v: v + 1, lambda v: v * 0, x, backend="auto")
+
+
+def test_kernel_gradient_partitions_fill_one_wave():
+  """Defect 7: the partition count rounds down, S * tiles * P <= 528 (132 SMs x 4 blocks):
+  27 slots at 64 x 64 channels get 19 partitions (513 blocks), not 20 (540: a second wave
+  of 12 blocks)."""
+  assert ffi.num_partitions(1_000_000, 27, 64, 64) == 19
+  for m, s, cin, cout in [(10**6, 27, 64, 64), (10**6, 8, 32, 32), (10**6, 125, 64, 64),
+                          (10**5, 27, 128, 128), (10**6, 1, 64, 64), (5000, 27, 16, 16)]:
+    parts = ffi.num_partitions(m, s, cin, cout)
+    tiles = -(-cin // 64) * -(-cout // 64)
+    assert parts >= 1 and (s * tiles * parts <= 528 or parts == 1), (m, s, cin, cout, parts)
+
+
+def test_selftest_float32_tolerance_is_not_loosened_for_gpus():
+  """Defect 2: the jnp path's matmuls use Precision.HIGHEST, so the self-test checks GPUs to
+  the float32 tolerance too (no 50x TF32 allowance)."""
+  from jax_sparseconv import selftest
+  assert not hasattr(selftest, "TOL_TF32")
+  for platform in ("cpu", "gpu"):
+    for what in ("jnp (XLA)", "cuda kernels"):
+      assert selftest.f32_tolerance(platform, what) == selftest.TOL_F32
+  from jax_sparseconv._src import gather_matmul
+  assert gather_matmul._EXACT == jax.lax.Precision.HIGHEST

@@ -102,3 +102,43 @@ def test_gather_matmul_kernel_over_several_neighbour_blocks(rng, dtype, s):
       assert rel_err(np.asarray(out, np.float64), expect) < TOLS[dtype]
   finally:
     backend.set_kernel_backend(previous)
+
+
+# Row lengths that take each copy of the tensor-core kernels: 16-byte loads of x's rows
+# (Cin % 8 == 0) and of w's / the cotangent's (Cout % 8 == 0), both, or neither (2-byte
+# loads); 72 = a whole number of 16-byte pieces but not of 64-wide tiles. The shim aborts on
+# a 16-byte load from an address that is not 16-byte aligned, so a wrong copy choice fails.
+# At compute capability 9.0 both half types take the tensor cores; at 7.5 bfloat16 takes the
+# CUDA cores (issue 22: the tensor-core kernel gradient, 16-byte loads where Cin % 8 == 0).
+@pytest.mark.parametrize("cc", ["90", "75"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("cin,cout", [(64, 64), (72, 40), (16, 70), (70, 24), (5, 9)],
+                         ids=["vec-both", "vec-both-72", "vec-x", "vec-w", "none"])
+def test_half_kernels_on_every_copy_path(rng, monkeypatch, cc, dtype, cin, cout):
+  import jax.numpy as jnp
+  import numpy as np
+
+  from jax_sparseconv._src import backend, ffi
+  from tests.helpers import kernel_inputs, loop_gather_matmul, loop_kernel_grad, random_map
+  from tests.helpers import rel_err
+  if ffi.host is None:
+    pytest.skip("no host build")
+  if cc == "75" and dtype == "float16":
+    pytest.skip("float16 takes the tensor cores at any compute capability")
+  monkeypatch.setenv("JSC_SHIM_CC", cc)
+  n, m, s = 100, 130, 5
+  x, w = kernel_inputs(rng, dtype, n, m, s, cin, cout)
+  ct = np.asarray(jnp.asarray(rng.standard_normal((m, cout)), dtype), np.float32)
+  nbr = random_map(rng, n, m, s)
+  tol = 1.5e-2 if dtype == "bfloat16" else 2e-3
+  previous = backend.set_kernel_backend("host")
+  try:
+    y = ffi.gather_matmul(jnp.asarray(x, dtype), jnp.asarray(w, dtype), jnp.asarray(nbr),
+                          jnp.dtype(dtype))
+    dw = ffi.kernel_grad(jnp.asarray(x, dtype), jnp.asarray(ct, dtype), jnp.asarray(nbr),
+                         jnp.dtype(dtype))
+  finally:
+    backend.set_kernel_backend(previous)
+  f64 = lambda a: np.asarray(a, np.float64)
+  assert rel_err(f64(y), loop_gather_matmul(f64(x), f64(w), nbr)) < tol
+  assert rel_err(f64(dw), loop_kernel_grad(f64(x), f64(ct), nbr)) < tol

@@ -7,6 +7,14 @@ and the kernel tests rerun under its checking modes.
 * ``JSC_SHIM_MODE=poison``: shared memory is filled with 0xFF (NaN) at every block start,
   which exposes reads of shared memory nothing wrote;
 * WMMA load/store: 32-byte aligned pointers and ``ldm`` a multiple of 16 bytes;
+* ``JSC_SHIM_MODE=capture``: the stream counts as captured into a CUDA graph (as inside
+  XLA's command buffers), so a runtime query that CUDA rejects during capture
+  (``cudaStreamGetDevice``, ``cudaGetDevice``, ``cudaDeviceGetAttribute``, a synchronisation)
+  fails and invalidates the capture, which the next launch check reports; together with a
+  lint that the handler sources call no CUDA runtime API but the launch check (issue 22,
+  defect 3: a bf16 conv queried the stream's device at every call);
+* ``JSC_SHIM_MODE=interleave``: threads step aside before and after every atomic, which
+  exposes code that assumes another thread's write right after its atomic has landed;
 * launch limits: an oversized or empty grid or block is an "invalid configuration argument";
 * ``static_assert``s on the tile constants of ``ffi/conv_cuda.cu``.
 """
@@ -78,6 +86,21 @@ __global__ void count(int* hits) {
   if (threadIdx.x == 0) ++*hits;
 }
 
+// The first thread to take a ticket publishes a value after its atomic; the others read it
+// right after theirs (a bug: nothing orders the write before their read). In thread order
+// the first thread has always written it; only interleaving shows it.
+__global__ void publish(int* ticket, int* value, int* seen) {
+  const int t = threadIdx.x;
+  if (atomicAdd(ticket, 1) == 0) {
+    *value = 42;
+  } else {
+    seen[t] = *value;
+  }
+}
+
+// A handler-like sequence: a runtime query on the stream, then a launch and its check.
+__global__ void noop(int) {}
+
 int main(int argc, char** argv) {
   const char* what = argc > 1 ? argv[1] : "";
   if (!std::strcmp(what, "shift")) {
@@ -115,6 +138,22 @@ int main(int argc, char** argv) {
       const char* err = JSC_CHECK_LAUNCH();
       std::printf("block %d hits %d error %s\n", i, hits, err ? err : "none");
     }
+  } else if (!std::strcmp(what, "publish")) {
+    int ticket = 0, value = 0, seen[64];
+    for (int& v : seen) v = 42;
+    JSC_LAUNCH(publish, dim3(1), dim3(64), 0, &ticket, &value, seen);
+    int bad = 0;
+    for (int v : seen) bad += v != 42;
+    std::printf("mismatches %d\n", bad);
+  } else if (!std::strcmp(what, "query")) {
+    int dev = -1;
+    const cudaError_t q = cudaStreamGetDevice(0, &dev);
+    JSC_LAUNCH(noop, dim3(1), dim3(32), 0, 0);
+    const char* err = JSC_CHECK_LAUNCH();
+    std::printf("query %s launch %s\n", cudaGetErrorString(q), err ? err : "ok");
+    JSC_LAUNCH(noop, dim3(1), dim3(32), 0, 0);  // the error was the previous launch's only
+    err = JSC_CHECK_LAUNCH();
+    std::printf("next %s\n", err ? err : "ok");
   }
   return 0;
 }
@@ -167,6 +206,54 @@ def test_uninitialised_shared_memory_only_poison_exposes(program):
 def test_unknown_mode_aborts(program):
   result = run(program, "shift", 1, mode="reverse,shuffle")
   assert result.returncode != 0 and "unknown mode 'shuffle'" in result.stderr
+
+
+# ------------------------------------------------------------------ capture and interleave
+
+
+def test_query_during_capture_invalidates_it(program):
+  ok = run(program, "query")
+  assert ok.returncode == 0 and "query no error launch ok" in ok.stdout, ok.stdout
+  captured = run(program, "query", mode="capture")
+  assert captured.returncode == 0, captured.stderr
+  assert "query operation not permitted when stream is capturing" in captured.stdout
+  assert "launch operation failed due to a previous error during capture" in captured.stdout
+  assert "cudaStreamGetDevice" in captured.stdout and "next ok" in captured.stdout
+
+
+def test_unordered_publish_only_interleave_exposes(program):
+  assert mismatches(run(program, "publish")) == 0
+  assert mismatches(run(program, "publish", mode="interleave")) > 0
+
+
+# The CUDA runtime calls a handler may make while XLA captures its stream into a CUDA graph:
+# the launch check. (cuda_probe.cu, never called from a handler, is exempt.)
+CAPTURE_SAFE = {"cudaGetLastError", "cudaGetErrorString"}
+HANDLER_SOURCES = ("conv_cuda.cu", "search_cuda.cu", "cuda_common.h")
+
+
+def test_handler_sources_call_only_capture_safe_runtime_apis():
+  """Issue 22, defect 3: the kernels' sources make no CUDA runtime call but the launch
+  check: no device or attribute query (cudaStreamGetDevice, cudaGetDevice and
+  cudaDeviceGetAttribute fail during capture on cudart 13 / driver 580 and invalidate it),
+  no synchronisation, allocation or copy. Comments are skipped; cuda_probe.cu holds the
+  calls the Python-side check needs."""
+  seen = {}
+  for name in HANDLER_SOURCES:
+    text = re.sub(r"//[^\n]*", "", (FFI / name).read_text())
+    for api in re.findall(r"\b(cuda[A-Z]\w*)\s*\(", text):
+      seen.setdefault(api, name)
+  bad = {api: where for api, where in seen.items() if api not in CAPTURE_SAFE}
+  assert not bad, f"runtime calls not allowed in handler code: {bad}"
+  assert "cudaGetLastError" in seen  # the lint sees the calls that are there
+  probe = (FFI / "cuda_probe.cu").read_text()
+  assert "cudaStreamSynchronize" in probe  # ... and would see these
+
+
+def test_lint_catches_a_query(tmp_path):
+  """The lint's pattern finds the call defect 3 made."""
+  planted = "int dev = 0;\nif (cudaStreamGetDevice(stream, &dev) != cudaSuccess) {}\n"
+  assert re.findall(r"\b(cuda[A-Z]\w*)\s*\(", planted) == ["cudaStreamGetDevice"]
 
 
 # ------------------------------------------------------------------ WMMA pointers
@@ -239,10 +326,11 @@ def test_tile_constant_static_asserts(tmp_path, old, new, message):
 
 def test_kernels_declare_shared_memory_through_jsc_shared():
   """Poison mode covers what JSC_SHARED declares; a bare __shared__ would escape it."""
-  source = (FFI / "conv_cuda.cu").read_text()
-  bare = [line for line in source.splitlines()
-          if "__shared__" in line and not line.lstrip().startswith(("//", "#define JSC_SHARED"))]
-  assert not bare, bare
+  for name in ("conv_cuda.cu", "search_cuda.cu"):
+    source = (FFI / name).read_text()
+    bare = [line for line in source.splitlines() if "__shared__" in line
+            and not line.lstrip().startswith(("//", "#define JSC_SHARED"))]
+    assert not bare, (name, bare)
 
 
 # ------------------------------------------------------------------ the kernel tests, rerun
@@ -261,12 +349,13 @@ sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-x", "-k", sys.argv[2], *
 """
 
 
-@pytest.mark.parametrize("mode", ["reverse,poison"])
+@pytest.mark.parametrize("mode", ["reverse,poison,capture"])
 def test_kernel_tests_pass_under_shim_modes(mode):
   """The host-build kernel tests (tests/core/test_gather_matmul.py, test_backend.py and
-  tests/kernels/test_host_shim.py), in a fresh process with the mode set
+  tests/kernels/test_host_shim.py), in a fresh process with the modes set
   (read by every launch): no race hidden by thread order, no read of unwritten shared
-  memory, in any kernel on any tested shape."""
+  memory, no runtime call that a captured stream rejects, in any kernel on any tested
+  shape (bf16 included)."""
   from jax_sparseconv._src import ffi
   if ffi.host is None:
     pytest.skip("no host build of the kernels")
@@ -288,6 +377,7 @@ def test_shim_mode_reaches_the_host_build(monkeypatch):
   if ffi.host is None:
     pytest.skip("no host build of the kernels")
   for value, expect in [("", ""), ("reverse", "reverse"), ("poison,reverse", "reverse,poison"),
-                        ("poison", "poison")]:
+                        ("poison", "poison"), ("capture,reverse", "reverse,capture"),
+                        ("interleave", "interleave")]:
     monkeypatch.setenv("JSC_SHIM_MODE", value)
     assert ffi.host.shim_mode() == expect
