@@ -187,7 +187,7 @@ def backend(request):
   sc.set_kernel_backend(previous)
 
 
-SEARCH = ["auto", "jnp"]  # the search under "host" is the jnp search (no CUDA-source search)
+SEARCH = ["auto", "jnp", "host"]  # native CPU, jnp, and the CUDA hash search through the host shim
 # (kernel size, offset, transposed): K 1..5, non-cubic, custom offsets (x, y, z) on quarters
 GEOMETRIES = [
     (1, None, False), (3, (0.5, -0.25, 0.0), False), (4, (0.25, -0.5, 0.75), True),
