@@ -20,6 +20,14 @@ Open3D-ML's own torch model, on the same 2-cloud batch, in the same run.
 * Train step: ``jax.jit(jax.value_and_grad(loss))``, cross-entropy over all points,
   train-mode BatchNorm (statistics over both clouds, updated running averages returned);
   Open3D-ML: ``model.train()``, forward, ``CrossEntropyLoss``, ``backward()``.
+* ``--zoo``: the spconv zoo's networks instead (SECOND's ``VoxelBackBone8x``, CenterPoint's
+  ``VoxelResBackBone8x``, Pointcept's ``SpUNet``; OpenPCDet's / Pointcept's default widths,
+  ``--small`` for the reduced test widths) on the batches of ``tests/data/zoo`` against
+  torch + spconv (``$SPCONV_PYTHON``, default ``/work/spconv-venv/bin/python``, running
+  ``tests/data/zoo/spconv_bench.py``: the re-stated networks of ``make_cases.py`` there),
+  the same weights (ours, random, handed over as a spconv 2.x state dict) and outputs
+  checked first; spconv at one torch thread (its CPU build is wrong with more), ours at the
+  process's threads (run under ``taskset -c 0`` for one).
 * Times are medians and minima of wall-clock time over ``--repeats`` runs after warm-up, and
   the median process CPU time (all threads). The machine's load average is printed before
   and after: on a shared 2-core box other jobs distort wall times (CPU times less so).
@@ -81,7 +89,11 @@ def main(argv=None):
   ap.add_argument("--o3d-repeats", type=int, default=5)
   ap.add_argument("--o3d-threads", default="2,1",
                   help="torch thread counts to run Open3D-ML with (the first is the reference)")
+  ap.add_argument("--zoo", action="store_true", help="the spconv zoo models against spconv")
+  ap.add_argument("--small", action="store_true", help="--zoo: the reduced test widths")
   args = ap.parse_args(argv)
+  if args.zoo:
+    return zoo_main(args)
 
   load0 = os.getloadavg()[0]
   d = np.load(DATA)
@@ -174,6 +186,100 @@ def main(argv=None):
     print(f"Open3D-ML: torch {o3d['torch']}, open3d {o3d['open3d']}, level-0 voxels "
           f"{o3d['level0_voxels']}")
   return 0 if err is None or max(err, train_err, stats_err) < 1e-4 else 1
+
+
+# ----------------------------------------------------------------------------- --zoo
+
+ZOO = ROOT / "tests" / "data" / "zoo"
+ZOO_SMALL = {"second": (4, 4, 8, 16, 16, 16), "centerpoint": (4, 4, 8, 8, 16, 16),
+             "spunet": (4, (4, 8, 8, 16, 8, 8, 8, 8), (1, 1, 2, 1, 1, 1, 1, 1))}
+
+
+def _zoo_inputs(name):
+  d = np.load(ZOO / ("spunet.npz" if name == "spunet" else f"{name}.npz"))
+  if name == "spunet":
+    return d["grid_coord"], d["feat"], d["offset"]
+  return d["voxel_features"], d["voxel_coords"], tuple(int(g) for g in d["config/grid_size"])
+
+
+def zoo_main(args):
+  from jax_sparseconv.models import (SpUNet, VoxelBackBone8x,  # noqa: PLC0415
+                                     VoxelResBackBone8x, to_spconv_state_dict)
+  py = os.environ.get("SPCONV_PYTHON", "/work/spconv-venv/bin/python")
+  rows = []
+  for name in ("second", "centerpoint", "spunet"):
+    x0, x1, x2 = _zoo_inputs(name)
+    if name == "spunet":
+      base, ch, layers = ZOO_SMALL["spunet"] if args.small else (
+          32, (32, 64, 128, 256, 256, 128, 96, 96), (2, 3, 4, 6, 2, 2, 2, 2))
+      model = SpUNet(6, 5, base_channels=base, channels=ch, layers=layers)
+      model = model.clone(capacities=model.level_sizes(x0, x2))
+      cfg = {"base": base, "channels": list(ch), "layers": list(layers)}
+      call = lambda v, train: model.apply(v, x0, x1, x2, train=train,  # noqa: E731
+                                          mutable=["batch_stats"] if train else False)
+    else:
+      cls = VoxelBackBone8x if name == "second" else VoxelResBackBone8x
+      ch = ZOO_SMALL[name] if args.small else cls.channels
+      model = cls(4, x2, channels=ch)
+      model = model.clone(capacities=model.level_sizes(x1, 2))
+      cfg = {"channels": list(ch)}
+      call = lambda v, train: (  # noqa: E731
+          model.apply(v, x0, x1, 2, train=True, mutable=["batch_stats"])[0]["spatial_features"]
+          if train else model.apply(v, x0, x1, 2)["spatial_features"])
+    init_args = (x0, x1, x2) if name == "spunet" else (x0, x1, 2)
+    # seeded random weights of the model's shapes (eval_shape: no compilation of init)
+    shapes = jax.eval_shape(lambda k, m=model, a=init_args: m.init(k, *a), jax.random.key(0))
+    rng = np.random.default_rng(0)
+
+    def fill(path, s):
+      leaf = jax.tree_util.keystr(path)
+      if "kernel" in leaf:
+        fan_in = int(np.prod(s.shape[:-1]))
+        return jnp.asarray(rng.uniform(-1, 1, s.shape) * 1.7 / np.sqrt(fan_in), s.dtype)
+      lo, hi = (0.5, 1.5) if ("scale" in leaf or "var" in leaf) else (-0.2, 0.2)
+      return jnp.asarray(rng.uniform(lo, hi, s.shape), s.dtype)
+    v = jax.tree_util.tree_map_with_path(fill, shapes)
+    forward = jax.jit(lambda v: call(v, False) if name != "spunet" else call(v, False))
+    loss = lambda p, s: jnp.mean(jnp.square(  # noqa: E731
+        call({"params": p, "batch_stats": s}, True)[0] if name == "spunet"
+        else call({"params": p, "batch_stats": s}, True)))
+    step = jax.jit(jax.value_and_grad(loss))
+    ours = np.asarray(jax.block_until_ready(forward(v)))
+    jax.block_until_ready(step(v["params"], v["batch_stats"]))
+    fwd = timed(lambda: forward(v), args.repeats)
+    trn = timed(lambda: step(v["params"], v["batch_stats"]), args.repeats)
+    theirs, err = None, None
+    if os.path.exists(py):
+      with tempfile.TemporaryDirectory() as tmp:
+        np.savez(os.path.join(tmp, "w.npz"), **to_spconv_state_dict(v, "2"))
+        cmd = [py, str(ZOO / "spconv_bench.py"), "--name", name, "--config", json.dumps(cfg),
+               "--weights", os.path.join(tmp, "w.npz"), "--out", os.path.join(tmp, "o.npy"),
+               "--repeats", str(args.o3d_repeats)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode == 0:
+          theirs = json.loads(res.stdout.strip().splitlines()[-1])
+          ref = np.load(os.path.join(tmp, "o.npy"))
+          err = float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
+        else:
+          print(f"spconv side failed for {name}:\n{res.stderr[-3000:]}")
+    rows.append((name, fwd, trn, theirs, err))
+  print(f"spconv zoo models ({'test' if args.small else 'default'} widths) on tests/data/zoo "
+        f"batches; jax {jax.__version__}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}")
+  print("\n| model | step | JAX ms: median / min (CPU) | spconv 1 thread ms: median / min (CPU) "
+        "| speed-up (median) | max rel diff |")
+  print("|---|---|---|---|---|---|")
+  for name, fwd, trn, theirs, err in rows:
+    for label, (w, c), key in (("forward", fwd, "forward"), ("train step", trn, "train_step")):
+      a = f"{np.median(w):.1f} / {np.min(w):.1f} ({np.median(c):.1f})"
+      if theirs is None:
+        print(f"| {name} | {label} | {a} | - | - | - |")
+        continue
+      tw, tc = theirs[key + "_runs_ms"], theirs[key + "_cpu_ms"]
+      b = f"{np.median(tw):.1f} / {np.min(tw):.1f} ({np.median(tc):.1f})"
+      print(f"| {name} | {label} | {a} | {b} | {np.median(tw) / np.median(w):.2f}x | "
+            f"{err:.1e} |")
+  errs = [r[4] for r in rows if r[4] is not None]
+  return 0 if all(e < 1e-4 for e in errs) else 1
 
 
 if __name__ == "__main__":

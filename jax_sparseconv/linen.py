@@ -220,12 +220,17 @@ class SubMConv3d(_Params, nn.Module):
   Attributes:
     in_channels: input channels (checked), or None (inferred).
     out_channels: output channels.
-    kernel_size, stride, padding, dilation: int or 3 ints in the level's index order.
+    kernel_size: int or 3 ints in the level's index order.
+    stride: int or 3 ints (ignored by the submanifold conv, as in spconv).
+    padding: int or 3 ints (ignored by the submanifold conv, as in spconv).
+    dilation: int or 3 ints.
     groups: grouped conv (``in_channels`` = groups: depthwise).
     bias: add a bias (default True).
     indice_key: the key of the map in the level (spconv's); None: one per geometry.
-    dtype, param_dtype: computation and parameter dtypes.
-    kernel_init: default spconv's (uniform in +-1/sqrt(fan_in)); bias_init: zeros.
+    dtype: the computation dtype (None: the inputs').
+    param_dtype: the parameters' dtype.
+    kernel_init: default spconv's (uniform in +-1/sqrt(fan_in)).
+    bias_init: default zeros.
   """
   in_channels: int | None
   out_channels: int

@@ -1,13 +1,17 @@
 """The lookup: for every (output, slot) query, the input voxel there.
 
 Inputs and outputs arrive as non-negative integer lattice coordinates (``lattice.py``)
-and the kernel's slots as integer offsets. Two implementations give identical results:
+and the kernel's slots as integer offsets. Three implementations give identical results:
 
 * **native CPU** (``ffi/search_cpu.cc``, ``jsc_cpu_neighbors``): a hash table of 4x4x4
   blocks of voxels (occupancy bits and input indices), built once from the inputs;
   each output's queries touch the few blocks around it. Its cost depends on the
   number of points and queries only, not on the coordinates' extent. Packed batches
   and ``vmap``'s batch axes are handled by the kernel.
+* **CUDA** (``ffi/search_cuda.cu``, ``jsc_neighbors``; on GPUs, and on the CPU through the
+  host shim with the ``"host"`` backend): an open-addressing hash table of the input
+  voxels built with atomic compare-and-swap (the smallest input index of a voxel wins),
+  one thread per query.
 * **jnp** (other platforms, and the ``"jnp"`` backend): the inputs' Morton keys are
   sorted once; the occupied 4x4x2 blocks (consecutive in that order) get a 32-bit
   occupancy mask and the sorted position of their first input, and go into an

@@ -1,166 +1,31 @@
-"""Open3D-ML ``SparseConvUnet`` weights: read ``torch.save`` files without torch, and map
-the state_dict to Flax variables (and back).
-
-A ``torch.save`` file (PyTorch >= 1.6) is a zip archive: ``<root>/data.pkl`` (a pickle
-whose tensors are ``torch._utils._rebuild_tensor_v2(storage, offset, size, stride,
-...)`` calls over *persistent* storages ``('storage', <dtype>Storage, key, location,
-numel)``), the raw bytes of every storage in ``<root>/data/<key>``, and
-``<root>/byteorder``. :func:`load_open3d_ml_checkpoint` unpickles it with a restricted
-``Unpickler`` that knows only these names (so a checkpoint cannot run code) and builds
-NumPy arrays from the storages.
+"""Open3D-ML ``SparseConvUnet`` weights: load its checkpoints (torch-free, through
+:mod:`jax_sparseconv.models.torch_file`) and map the state_dict to Flax variables (and
+back).
 """
 
 from __future__ import annotations
 
-import collections
-import io
-import os
-import pickle
-import zipfile
 from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
+
+from jax_sparseconv.models.torch_file import load_torch_checkpoint, read_torch_file
 
 __all__ = ["load_open3d_ml_checkpoint", "read_torch_file", "open3d_ml_variables",
            "to_open3d_ml_state_dict"]
-
-# torch storage class -> NumPy dtype
-_STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
-    "BoolStorage": np.bool_,
-}
-
-
-class _StorageType:
-  """Stands for ``torch.<Name>Storage`` inside the pickle."""
-
-  def __init__(self, name):
-    self.name = name
-    self.dtype = np.dtype(_STORAGE_DTYPES[name])
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
-  """``torch._utils._rebuild_tensor_v2`` as a NumPy copy of the strided view."""
-  size, stride = tuple(size), tuple(stride)
-  if not size:
-    return np.array(storage[storage_offset])
-  n = 1 + sum((s - 1) * st for s, st in zip(size, stride)) if all(size) else 0
-  if storage_offset + n > storage.size:
-    raise pickle.UnpicklingError(f"tensor of size {size}, stride {stride}, offset "
-                                 f"{storage_offset} exceeds its storage of {storage.size}")
-  flat = storage[storage_offset:]
-  item = storage.dtype.itemsize
-  view = np.lib.stride_tricks.as_strided(flat, shape=size, strides=[s * item for s in stride])
-  return np.array(view, copy=True)
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
-  return data
-
-
-def _rebuild_parameter_with_state(data, requires_grad=False, backward_hooks=None, state=None):
-  return data
-
-
-_ALLOWED = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "tuple"): tuple,
-    ("builtins", "list"): list,
-    ("builtins", "dict"): dict,
-    ("builtins", "int"): int,
-    ("builtins", "float"): float,
-    ("builtins", "complex"): complex,
-}
-
-
-class _TorchUnpickler(pickle.Unpickler):
-  """Rebuilds tensors as NumPy arrays; refuses every other global."""
-
-  def __init__(self, file, read_storage):
-    super().__init__(file)
-    self._read_storage = read_storage
-    self._storages = {}
-
-  def find_class(self, module, name):
-    if module == "torch" and name in _STORAGE_DTYPES:
-      return _StorageType(name)
-    fn = _ALLOWED.get((module, name))
-    if fn is None:
-      raise pickle.UnpicklingError(
-          f"refusing to load global {module}.{name} (not a tensor or container); only "
-          "plain state_dict / checkpoint dictionaries are supported")
-    return fn
-
-  def persistent_load(self, pid):
-    if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-      raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
-    storage_type, key = pid[1], str(pid[2])
-    if not isinstance(storage_type, _StorageType):
-      raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
-    if key not in self._storages:
-      self._storages[key] = self._read_storage(key, storage_type.dtype)
-    return self._storages[key]
-
-
-def read_torch_file(path_or_file) -> Any:
-  """Reads a ``torch.save`` zip file into Python containers of NumPy arrays, without torch.
-
-  Tensors of float32/float64/float16/bfloat16 (as ``ml_dtypes.bfloat16``), int64/int32/
-  int16/int8/uint8 and bool become NumPy arrays (views are copied out of their shared
-  storages); dicts, ``OrderedDict``s, lists, tuples and Python scalars are kept. Any
-  other pickled global raises ``pickle.UnpicklingError``. The legacy (pre-1.6,
-  non-zip) format is not supported.
-
-  Args:
-    path_or_file: a path or a binary file object.
-  """
-  if isinstance(path_or_file, (str, os.PathLike)):
-    with open(path_or_file, "rb") as f:
-      return read_torch_file(io.BytesIO(f.read()))
-  if not zipfile.is_zipfile(path_or_file):
-    raise ValueError("not a torch.save zip archive (files saved with "
-                     "_use_new_zipfile_serialization=False are not supported)")
-  with zipfile.ZipFile(path_or_file) as zf:
-    names = zf.namelist()
-    pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
-    if len(pkl) != 1:
-      raise ValueError(f"expected one <root>/data.pkl in the archive, found {pkl}")
-    root = pkl[0][:-len("data.pkl")]
-    order = "little"
-    if root + "byteorder" in names:
-      order = zf.read(root + "byteorder").decode().strip()
-
-    def read_storage(key, dtype):
-      arr = np.frombuffer(zf.read(f"{root}data/{key}"), dtype=dtype)
-      return arr.byteswap() if order == "big" and dtype.itemsize > 1 else arr
-
-    return _TorchUnpickler(io.BytesIO(zf.read(pkl[0])), read_storage).load()
 
 
 def load_open3d_ml_checkpoint(path_or_file) -> dict[str, np.ndarray]:
   """An Open3D-ML checkpoint's model state_dict as ``{name: numpy array}``, without torch.
 
   Accepts what Open3D-ML's pipeline saves (``torch.save({'epoch': ..., 'model_state_dict':
-  ..., 'optimizer_state_dict': ..., ...})``) and a bare ``torch.save(model.state_dict())``.
+  ..., 'optimizer_state_dict': ..., ...})``) and a bare ``torch.save(model.state_dict())``,
+  in the zip or the legacy format (:func:`~jax_sparseconv.models.load_torch_checkpoint`).
   Pass the result to :func:`open3d_ml_variables`.
   """
-  obj = read_torch_file(path_or_file)
-  if isinstance(obj, Mapping) and "model_state_dict" in obj:
-    obj = obj["model_state_dict"]
-  if not isinstance(obj, Mapping) or not all(isinstance(v, np.ndarray) for v in obj.values()):
-    raise ValueError("the file holds neither a state_dict nor a dict with 'model_state_dict'")
-  return {str(k): v for k, v in obj.items()}
+  return load_torch_checkpoint(path_or_file)
 
 
 # ---------------------------------------------------------------------------------------------

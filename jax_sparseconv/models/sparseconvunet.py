@@ -16,19 +16,20 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jax_sparseconv as sc
-from jax_sparseconv._src import checks
+from jax_sparseconv import linen as sl
+from jax_sparseconv._src import checks, errors
+from jax_sparseconv._src.tensor import round_capacity, subm_key
 from jax_sparseconv.models.layers import (
-    Convolution, DeConvolution, LevelVoxels, ResidualBlock, SparseBatchNorm,
-    SubmanifoldSparseConv, calculate_grid, input_layer,
+    Open3DVoxels, ResidualBlock, SparseBatchNorm, calculate_grid, input_layer,
     level_kernel_maps, output_layer)
 
 __all__ = ["SparseConvUnet", "UNet", "unet_layout", "unet_level_sizes", "open3d_ml_preprocess",
            "NUM_LEVELS"]
+
+SUBM = subm_key(3)  # "subm3x3x3": the key of a level's K=3 map
 
 #: Levels of the U-Net (planes ``m, 2m, ..., 7m``; six stride-2 down-samplings).
 NUM_LEVELS = 7
@@ -74,8 +75,11 @@ class UNet(nn.Module):
   """Open3D-ML's ``UNet``: the encoder-decoder between the first conv and the head.
 
   Submodules are named ``net_{i}`` after the torch index of ``unet.net.{i}``
-  (:func:`unet_layout`). Level ``l`` has ``planes[l]`` channels; every conv reads a
-  precomputed map of ``maps[l]`` (:class:`~jax_sparseconv.models.layers.LevelMaps`).
+  (:func:`unet_layout`). Level ``l`` (a :class:`~jax_sparseconv.SparseTensor`) has
+  ``planes[l]`` channels; its layers are the library's level layers
+  (:class:`jax_sparseconv.linen.SubMConv`, :class:`~jax_sparseconv.linen.DownConv`,
+  :class:`~jax_sparseconv.linen.UpConv`, bias-free) through the maps the level carries:
+  ``"subm3x3x3"``, and from the finer level ``"down"`` / ``"up"`` (its transpose).
 
   Attributes:
     conv_block_reps: blocks per level (and per decoder level).
@@ -91,51 +95,43 @@ class UNet(nn.Module):
   axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, x, valids, maps, train: bool = False):
+  def __call__(self, x, levels, train: bool = False):
     """Args:
-      x: level-0 features ``(capacity_0, planes[0])``, or ``(B, capacity_0, planes[0])``.
-      valids: ``valids[l]``, the level-``l`` validity mask (``(capacity_l,)`` or
-        ``(B, capacity_l)``).
-      maps: ``maps[l]``, the level-``l`` :class:`LevelMaps` (batched like ``x``).
+      x: level-0 features ``(capacity_0, planes[0])``.
+      levels: ``levels[l]``, the level-``l`` :class:`~jax_sparseconv.SparseTensor` with
+        its maps (see above; its features are not read).
       train: batch statistics (True) or running averages.
 
-    Returns the level-0 features ``(..., capacity_0, planes[0])``.
+    Returns the level-0 features ``(capacity_0, planes[0])``.
     """
     bn_kw = dict(momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name)
     level, skips = 0, []
     for i, (kind, _, b) in enumerate(unet_layout(self.conv_block_reps, self.planes,
                                                  self.residual_blocks)):
       name = f"net_{i}"
+      t = levels[level]
       if kind == "bn":
-        x = SparseBatchNorm(name=name, **bn_kw)(x, valids[level], train)
+        x = SparseBatchNorm(name=name, **bn_kw)(x, t.valid, train)
       elif kind == "relu":
         x = nn.relu(x)
       elif kind == "subm":
-        x = SubmanifoldSparseConv(b, name=name)(x, maps[level].subm)
+        x = sl.SubMConv(b, 3, use_bias=False, name=name)(t.replace(feats=x)).feats
       elif kind == "residual":
-        x = ResidualBlock(b, name=name, **bn_kw)(x, valids[level], maps[level].subm, train)
+        x = ResidualBlock(b, name=name, **bn_kw)(x, t.valid, t.maps[SUBM], train)
       elif kind == "concat":
         skips.append(x)
       elif kind == "conv":
-        x = Convolution(b, name=name)(x, maps[level].down)
         level += 1
+        x = sl.DownConv(b, 2, use_bias=False, name=name)(t.replace(feats=x),
+                                                          levels[level]).feats
       elif kind == "deconv":
         level -= 1
-        x = DeConvolution(b, name=name)(x, maps[level].up)
+        x = sl.UpConv(b, 2, use_bias=False, name=name)(t.replace(feats=x),
+                                                        levels[level]).feats
       elif kind == "join":
         x = jnp.concatenate([skips.pop(), x], axis=-1)
       self.sow("intermediates", f"out_{name}", x)
     return x
-
-
-def _round_capacity(n: int) -> int:
-  """Rounds up to ``k * 2**e`` with ``8 <= k < 16`` (at most 12.5% padding, few distinct
-  shapes, so few recompilations)."""
-  n = max(int(n), 1)
-  if n <= 16:
-    return n
-  e = n.bit_length() - 4
-  return -(-n >> e) << e if n % (1 << e) else n
 
 
 def unet_level_sizes(points, *, batch=None, valid=None, levels: int = NUM_LEVELS):
@@ -289,72 +285,69 @@ class SparseConvUnet(nn.Module):
     if capacities is None and concrete:
       sizes = [unet_level_sizes(pts[b], batch=None if bat is None else bat[b], valid=val[b],
                                 levels=levels) for b in range(num_clouds)]
-      capacities = tuple(_round_capacity(max(s[lev] for s in sizes))
+      capacities = tuple(round_capacity(max(s[lev] for s in sizes))
                          for lev in range(levels))
     caps = _check_capacities(capacities, n, "capacities", levels)
 
-    # Geometry: each cloud's levels (one sort per level), then the clouds as one packed
-    # set per level (cloud b at rows b * capacity), and each level's maps, built once.
-    clouds = []
+    # Geometry (the core's): each cloud's levels, then the clouds as one packed set per
+    # level (cloud b at rows b * capacity) and each level's maps, built once.
+    clouds, flags = [], jnp.int32(0)
     for b in range(num_clouds):
-      vox, vf, index_map, err = input_layer(pts[b], fts[b], valid=val[b],
-                                            batch=None if bat is None else bat[b],
-                                            capacity=caps[0])
+      vox, vf, index_map, f = input_layer(pts[b], fts[b], valid=val[b],
+                                          batch=None if bat is None else bat[b],
+                                          capacity=caps[0])
       vlevels = [vox]
       for lev in range(1, levels):
-        coarse, _, e = calculate_grid(vlevels[-1], caps[lev])
+        coarse, _, fl = calculate_grid(vlevels[-1], caps[lev])
         vlevels.append(coarse)
-        err = err | e
-      clouds.append((vlevels, vf, index_map, err))
+        f = f | jnp.where(f != 0, 0, fl)  # a broken level breaks the next: its error only
+      flags = flags | f
+      clouds.append((vlevels, vf, index_map))
     if num_clouds == 1:
-      vlevels, x0, _, error = clouds[0]
+      vlevels, x0, _ = clouds[0]
     else:
-      vlevels = [LevelVoxels.concatenate([c[0][lev] for c in clouds]) for lev in range(levels)]
+      vlevels = [Open3DVoxels.concatenate([c[0][lev] for c in clouds]) for lev in range(levels)]
       x0 = jnp.concatenate([c[1] for c in clouds])
-      error = functools.reduce(jnp.logical_or, [c[3] for c in clouds])
-    _report(error, f"SparseConvUnet: a level has more voxels than its capacity {caps}, a "
-                   "valid point is not finite, or the coordinates span 2**16 voxels or more "
-                   "(level sizes: jax_sparseconv.models.unet_level_sizes)")
+    # (level sizes: jax_sparseconv.models.unet_level_sizes)
+    where = f"SparseConvUnet (level capacities {caps})"
+    errors.report(flags, where)
     batched = num_clouds > 1 or bat is not None
-    maps = [level_kernel_maps(vlevels[lev], vlevels[lev + 1] if lev + 1 < levels else None,
-                              batched=batched) for lev in range(levels)]
-    valids = [lv.valid for lv in vlevels]
+    with errors.error_mode("flag"):  # a level that overflowed also has broken maps
+      maps = [level_kernel_maps(vlevels[lev], vlevels[lev + 1] if lev + 1 < levels else None,
+                                batched=batched) for lev in range(levels)]
+    map_flags = functools.reduce(jnp.bitwise_or, [m.flags for lm in maps for m in lm
+                                                  if m is not None])
+    errors.report(jnp.where(flags != 0, 0, map_flags), where)  # the maps' own errors
+    flags = flags | map_flags
+    # the levels as SparseTensors carrying their maps (the coarse ones also the maps from
+    # the finer level, as SparseTensor.down() makes them)
+    tensors = []
+    for lev in range(levels):
+      m = {SUBM: maps[lev].subm}
+      if lev:
+        m.update(down=maps[lev - 1].down, up=maps[lev - 1].up)
+      tensors.append(vlevels[lev].tensor(batched=batched).replace(maps=m))
     self.sow("intermediates", "voxels", vlevels)
     self.sow("intermediates", "input_layer", x0)
 
-    x = SubmanifoldSparseConv(self.multiplier, name="sub_sparse_conv")(x0, maps[0].subm)
+    x = sl.SubMConv(self.multiplier, 3, use_bias=False,
+                    name="sub_sparse_conv")(tensors[0].replace(feats=x0)).feats
     self.sow("intermediates", "out_sub_sparse_conv", x)
     x = UNet(self.conv_block_reps, self.planes, self.residual_blocks, momentum=self.momentum,
-             epsilon=self.epsilon, axis_name=self.axis_name, name="unet")(x, valids, maps, train)
+             epsilon=self.epsilon, axis_name=self.axis_name, name="unet")(x, tensors, train)
     x = SparseBatchNorm(momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
-                        name="batch_norm")(x, valids[0], train)
+                        name="batch_norm")(x, tensors[0].valid, train)
     x = nn.Dense(self.num_classes, name="linear")(nn.relu(x))
     self.sow("intermediates", "out_linear", x)
     cap0 = caps[0]
     logits = jnp.stack([output_layer(x[b * cap0:(b + 1) * cap0], clouds[b][2])
                         for b in range(num_clouds)])
-    logits = jnp.where(error, jnp.nan, logits)
+    logits = errors.poison(logits, flags)
     if how == "single":
       return logits[0]
     if how is None:
       return logits
     return jnp.concatenate([logits[b, :k] for b, k in enumerate(how)])
-
-
-def _report(error, message: str):
-  """The library's error rule for a bool error scalar: raise now when concrete; inside
-  ``jit``, in error mode ``"raise"`` (:func:`jax_sparseconv.set_error_mode`), raise from a
-  host callback when the program runs. (The outputs are poisoned with NaN either way.)"""
-  if checks.is_concrete(error):
-    if bool(error):
-      raise ValueError(message)
-    return
-  get_mode = getattr(sc, "get_error_mode", None)
-  if get_mode is not None and get_mode() == "raise":
-    def check(e):
-      if np.any(e):
-        raise ValueError(message)
-    jax.debug.callback(check, error)
 
 
 def _stack_inputs(points, feats, batch, valid, in_channels):

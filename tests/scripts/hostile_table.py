@@ -3,7 +3,7 @@
     python tests/scripts/hostile_table.py           # print the table
     python tests/scripts/hostile_table.py --write   # replace it in README.md
 
-``tests/test_hostile.py`` checks that README.md holds exactly this output.
+``tests/suites/test_hostile.py`` checks that README.md holds exactly this output.
 """
 
 from __future__ import annotations

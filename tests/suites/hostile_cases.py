@@ -1050,7 +1050,7 @@ CASES: list[Case] = [
       lambda: unet(feats=UNET_FEATS[:, :2]),
       Raises(ValueError, "feats must have shape (1, 4, 3) (in_channels=3), got (1, 4, 2)")),
     C("unet", "nan_pos", "a NaN point", lambda: unet(points=nan_row(UNET_PTS)),
-      Invalid(None, "a valid point is not finite")),
+      Invalid(E.NONFINITE_POSITION)),
     C("unet", "mask", "valid mask (3,)", lambda: unet(valid=np.ones(3, bool)),
       Raises(ValueError, "valid mask must have shape (4,), got (3,)")),
     C("unet", "batch", "batch (3,)", lambda: unet(batch=np.zeros(3, np.int32)),

@@ -1,9 +1,9 @@
-"""The determinism table of the README ("Reliability" / "Determinism"), measured.
+"""The determinism table of the docs (docs/reliability.md, "Determinism"), measured.
 
 One fixed problem (1400 voxels, K = 3, 8 -> 8 channels, normalize; and the same with every
 output duplicated, where the feature gradient falls back to a scatter-add) computed by
 ``tests/scripts/det_compute.py`` under each kernel backend: the kernel map, the forward and
-the gradients (kernel, features). ``TABLE`` is what the README states; each cell is
+the gradients (kernel, features). ``TABLE`` is what the docs state; each cell is
 asserted: "yes" = bitwise identical, "no" = not bitwise identical but within float32
 rounding (so a "no" that becomes bitwise fails too, and the table has to change).
 """
