@@ -11,7 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jax_sparseconv.models.torch_file import load_torch_checkpoint, read_torch_file
+from jax_sparseconv.models.torch_file import batchnorm_state, load_torch_checkpoint, read_torch_file
 
 __all__ = ["load_open3d_ml_checkpoint", "read_torch_file", "open3d_ml_variables",
            "to_open3d_ml_state_dict"]
@@ -157,15 +157,7 @@ def to_open3d_ml_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarra
       out[pre + ".net.kernel"] = k
       out[pre + ".net.offset"] = np.full((3,), 0.0 if k.shape[0] % 2 else -0.5, np.float32)
     elif "scale" in tree:
-      pre = torch_prefix(path) + ".bn"
-      st = stats
-      for p in path:
-        st = st[p]
-      out[pre + ".weight"] = np.asarray(tree["scale"])
-      out[pre + ".bias"] = np.asarray(tree["bias"])
-      out[pre + ".running_mean"] = np.asarray(st["mean"])
-      out[pre + ".running_var"] = np.asarray(st["var"])
-      out[pre + ".num_batches_tracked"] = np.zeros((), np.int64)
+      out.update(batchnorm_state(tree, stats, path, torch_prefix(path) + ".bn"))
     elif "kernel" in tree and np.ndim(tree["kernel"]) == 2:
       pre = torch_prefix(path) + ".linear"
       out[pre + ".weight"] = np.asarray(tree["kernel"]).T.copy()

@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_sparseconv.models.torch_file import batchnorm_state
+
 __all__ = ["minkowski_variables", "torchsparse_variables", "minkowski_config",
            "spvnas_config", "to_minkowski_state_dict", "to_torchsparse_state_dict",
            "kernel_from_minkowski", "kernel_to_minkowski", "kernel_from_torchsparse",
@@ -359,15 +361,8 @@ def _to_state_dict(variables, flavour):
       if "bias" in tree:
         out[pre + ".bias"] = np.asarray(tree["bias"])
     elif "scale" in tree:
-      pre = _torch_prefix(path) + (".bn" if flavour == "me" else "")
-      st = stats
-      for p in path:
-        st = st[p]
-      out[pre + ".weight"] = np.asarray(tree["scale"])
-      out[pre + ".bias"] = np.asarray(tree["bias"])
-      out[pre + ".running_mean"] = np.asarray(st["mean"])
-      out[pre + ".running_var"] = np.asarray(st["var"])
-      out[pre + ".num_batches_tracked"] = np.zeros((), np.int64)
+      out.update(batchnorm_state(tree, stats, path,
+                                 _torch_prefix(path) + (".bn" if flavour == "me" else "")))
     else:
       for name in tree:
         walk(tree[name], path + (name,))

@@ -423,3 +423,16 @@ def strip_prefixes(state_dict: Mapping[str, Any], prefixes=("module.",)) -> dict
       raise ValueError(f"stripping {prefix!r} makes keys collide")
     out = new
   return out
+
+
+def batchnorm_state(params, stats, path, prefix: str) -> dict[str, np.ndarray]:
+  """A Flax BatchNorm's parameters (``params``: ``scale``, ``bias``) and its statistics
+  (``stats`` walked down ``path``: ``mean``, ``var``) as torch ``BatchNorm1d`` state-dict
+  entries under ``prefix`` (``num_batches_tracked`` = 0)."""
+  for p in path:
+    stats = stats[p]
+  return {prefix + ".weight": np.asarray(params["scale"]),
+          prefix + ".bias": np.asarray(params["bias"]),
+          prefix + ".running_mean": np.asarray(stats["mean"]),
+          prefix + ".running_var": np.asarray(stats["var"]),
+          prefix + ".num_batches_tracked": np.zeros((), np.int64)}
