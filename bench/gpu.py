@@ -140,7 +140,7 @@ def plan(out: pathlib.Path, smoke: bool = False, cc: str | None = None) -> list[
   sanitizer_env = (*jax_env, ("XLA_PYTHON_CLIENT_ALLOCATOR", "platform"))
   ncu = (_tool("ncu"), "--clock-control", "none", "--target-processes", "all",
          "--kernel-name-base", "function", "--kernel-name",
-         "regex:gather_matmul|kernel_grad_partial|query_outputs|insert_inputs",
+         "regex:gather_matmul|weight_grad_partial|query_outputs|insert_inputs",
          "--launch-count", "8", "--section", "SpeedOfLight", "--section", "LaunchStats",
          "--section", "Occupancy", "--export", str(out / "ncu"), "--force-overwrite",
          *_py_step("profile-case", smoke))

@@ -101,7 +101,7 @@ struct ConvShape {
   int64_t n, m, s, cin, cout;  // inputs, outputs, slots, channels in and out
 };
 
-// The kernels hold N, S, Cin and Cout in int (and the kernel gradient's row indices in
+// The kernels hold N, S, Cin and Cout in int (and the weight gradient's row indices in
 // int32): a size beyond int32 is refused with the shapes, even where a zero-size axis keeps
 // the buffers empty (it would be truncated, not checked, otherwise).
 inline bool conv_sizes_fit(const ConvShape& sh) {
@@ -117,10 +117,10 @@ inline bool gather_matmul_shape(Dims x, Dims w, Dims nbr, Dims y, ConvShape& sh)
          has_shape(nbr, {sh.m, sh.s}) && has_shape(y, {sh.m, sh.cout}) && conv_sizes_fit(sh);
 }
 
-// The kernel gradient's x, ct, nbr, dw (dimensions): fills `sh`, false on a mismatch.
-constexpr char kKernelGradShapes[] =
+// The weight gradient's x, ct, nbr, dw (dimensions): fills `sh`, false on a mismatch.
+constexpr char kWeightGradShapes[] =
     "x (N, Cin), ct (M, Cout), nbr (M, S), dw (S, Cin, Cout), every size < 2^31 - 1";
-inline bool kernel_grad_shape(Dims x, Dims ct, Dims nbr, Dims dw, ConvShape& sh) {
+inline bool weight_grad_shape(Dims x, Dims ct, Dims nbr, Dims dw, ConvShape& sh) {
   sh = ConvShape{dim(x, 0), dim(ct, 0), dim(nbr, 1), dim(x, 1), dim(ct, 1)};
   return has_shape(x, {sh.n, sh.cin}) && has_shape(ct, {sh.m, sh.cout}) &&
          has_shape(nbr, {sh.m, sh.s}) && has_shape(dw, {sh.s, sh.cin, sh.cout}) &&

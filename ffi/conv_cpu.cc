@@ -1,11 +1,11 @@
 // Native CPU kernels (float32) for the conv's inner ops, computing only the (output,
 // slot) pairs that exist: the gather-matmul y[m] = sum_s x[nbr[m, s]] @ w[s] (forward,
-// and the feature gradient through the inverse map) and the kernel gradient
+// and the feature gradient through the inverse map) and the weight gradient
 // dw[s] = sum_m x[nbr[m, s]]^T ct[m]. (The neighbour search's kernels: search_cpu.cc.)
 //
 // Ops (FFI targets, this file's table at the end):
 //   jsc_cpu_gather_matmul:  x (N, Cin), w (S, Cin, Cout), nbr (M, S) -> y (M, Cout)
-//   jsc_cpu_kernel_grad:    x (N, Cin), ct (M, Cout), nbr (M, S) -> dw (S, Cin, Cout)
+//   jsc_cpu_weight_grad:    x (N, Cin), ct (M, Cout), nbr (M, S) -> dw (S, Cin, Cout)
 //
 // Unlike the jnp path, which gathers a dense (rows, slots * Cin) block (the ~45% of empty
 // slots included) and hands it to a matmul, this walks the map: for a tile of output rows
@@ -109,7 +109,7 @@ void group_update(float* const* yr, const float* const* xr, int count, const flo
 }
 
 // One op over a kernel map: x (n, cin), nbr (m, s); `b` is w (s, cin, cout) for the
-// gather-matmul and ct (m, cout) for the kernel gradient; `out` is y or dw.
+// gather-matmul and ct (m, cout) for the weight gradient; `out` is y or dw.
 struct Problem {
   const float* x;
   const float* b;
@@ -171,7 +171,7 @@ ffi::Error GatherMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 }
 
 
-// ---------------------------------------------------------------- kernel gradient
+// ---------------------------------------------------------------- weight gradient
 // dw[s] = sum_m x[nbr[m, s]]^T ct[m]. Each slot is summed by one thread (slots are dealt
 // to threads largest first). A thread walks the rows in tiles, so that the x and ct rows
 // it reads stay in cache for all of its slots; for each of its slots, the tile's pairs are
@@ -290,13 +290,13 @@ void grad_slots(const Problem& p, const std::vector<int>& mine, bool avx2) {
   }
 }
 
-ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ct,
+ffi::Error WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ct,
                       ffi::Buffer<ffi::S32> nbr, ffi::Result<ffi::Buffer<ffi::F32>> dw) {
   ConvShape sh;
-  if (!kernel_grad_shape(x.dimensions(), ct.dimensions(), nbr.dimensions(), dw->dimensions(),
+  if (!weight_grad_shape(x.dimensions(), ct.dimensions(), nbr.dimensions(), dw->dimensions(),
                          sh)) {
-    return invalid(std::string("cpu_kernel_grad: inconsistent shapes: expects ") +
-                   kKernelGradShapes);
+    return invalid(std::string("cpu_weight_grad: inconsistent shapes: expects ") +
+                   kWeightGradShapes);
   }
   const Problem p{x.typed_data(), ct.typed_data(), nbr.typed_data(), dw->typed_data(),
                   sh.n, sh.m, int(sh.s), int(sh.cin), int(sh.cout)};
@@ -343,16 +343,16 @@ XLA_FFI_DEFINE_HANDLER(
         .Ret<ffi::Buffer<ffi::F32>>());  // y: (M, Cout) output features
 
 XLA_FFI_DEFINE_HANDLER(
-    JscCpuKernelGrad, KernelGrad,
+    JscCpuWeightGrad, WeightGrad,
     ffi::Ffi::Bind()
         .Arg<ffi::Buffer<ffi::F32>>()    // x: (N, Cin) input features
         .Arg<ffi::Buffer<ffi::F32>>()    // ct: (M, Cout) output cotangent
         .Arg<ffi::Buffer<ffi::S32>>()    // nbr: (M, S) kernel map, outside [0, N) = none
-        .Ret<ffi::Buffer<ffi::F32>>());  // dw: (S, Cin, Cout) kernel gradient
+        .Ret<ffi::Buffer<ffi::F32>>());  // dw: (S, Cin, Cout) weight gradient
 
 constexpr JscHandler kHandlers[] = {
     {"jsc_cpu_gather_matmul", JscCpuGatherMatmul},
-    {"jsc_cpu_kernel_grad", JscCpuKernelGrad},
+    {"jsc_cpu_weight_grad", JscCpuWeightGrad},
 };
 
 }  // namespace

@@ -7,10 +7,10 @@
 // Ops (FFI targets, this file's table at the end; kernel map `nbr` (M, S) int32, entry
 // outside [0, N) = no neighbour):
 //   jsc_gather_matmul:  y[m] = sum_s x[nbr[m, s]] @ w[s]          x (N, Cin), w (S, Cin, Cout)
-//   jsc_kernel_grad:    dw[s] = sum_m x[nbr[m, s]]^T ct[m]        ct (M, Cout)
+//   jsc_weight_grad:    dw[s] = sum_m x[nbr[m, s]]^T ct[m]        ct (M, Cout)
 // The conv's feature gradient is jsc_gather_matmul over the inverse map with w
 // transposed (a gather, no atomics). Every output element is summed by one thread in a
-// fixed order (slots, then channels; the kernel gradient over fixed row partitions,
+// fixed order (slots, then channels; the weight gradient over fixed row partitions,
 // then the partials in partition order), so results are bitwise reproducible.
 //
 // Kernels: float32 / float64 on the CUDA cores (SIMT, 4 x 4 outputs a thread), float16 and
@@ -23,7 +23,7 @@
 // Memory traffic: a gather-matmul block copies its tile's block of the neighbour map
 // (64 rows x up to 32 slots, contiguous when S <= 32) to shared memory once, with a flag
 // per slot that any row has a neighbour there (slots without one are skipped); the
-// kernel gradient does the same for 256 rows of its slot at a time. Every tile copy loads
+// weight gradient does the same for 256 rows of its slot at a time. Every tile copy loads
 // its elements into registers first (a fixed, unrolled count per thread, all loads in
 // flight), then stores them to shared memory. The column tiles of one row tile are
 // neighbouring blocks, so the second gather of the same rows hits the cache. The
@@ -31,7 +31,7 @@
 // load when the row length is a multiple of 8 (Cin for the gathered rows, Cout for the
 // weights and the cotangent) and the buffer 16-byte aligned, else eight 2-byte loads; the
 // shared-memory stores are 16 bytes either way, and no tile is transposed on the way (the
-// kernel gradient reads its gathered rows as a column-major A operand). bf16 tiles are
+// weight gradient reads its gathered rows as a column-major A operand). bf16 tiles are
 // loaded with the .shared PTX load (ldmatrix, as nvcc does for fp16).
 #include <cstdint>
 #include <cstdio>
@@ -95,20 +95,20 @@ constexpr int BN = 64;
 constexpr int BK = 16;        // reduction step of the SIMT kernels
 constexpr int HBK = 32;       // reduction step of the tensor-core kernels
 constexpr int SC = 32;        // slots of the gather-matmul's neighbour block in shared memory
-constexpr int KG_ROWS = kThreads;  // rows of the kernel gradient's neighbour batch
+constexpr int KG_ROWS = kThreads;  // rows of the weight gradient's neighbour batch
 constexpr int LDA = BM + 1;   // k-major A tile, padded against bank conflicts
 constexpr int LDH = HBK + 8;  // row-major half A tile xs[r][k] (WMMA: multiple of 8)
-constexpr int LDB = BN + 8;   // row-major half B tile ws[k][c]; the kernel gradient's tiles
+constexpr int LDB = BN + 8;   // row-major half B tile ws[k][c]; the weight gradient's tiles
 constexpr int LDC = BN + 4;   // float staging of the accumulators
 constexpr int kVec = 8;       // half elements in 16 bytes
 // Elements each thread copies per tile (loaded into registers first, all in flight, then
 // stored to shared memory).
 constexpr int kNbrPerThread = BM * SC / kThreads;  // neighbour block
-constexpr int kXPerThread = BM * BK / kThreads;    // SIMT gather / kernel-gradient gather
-constexpr int kWPerThread = BK * BN / kThreads;    // SIMT weights / kernel-gradient cotangent
+constexpr int kXPerThread = BM * BK / kThreads;    // SIMT gather / weight-gradient gather
+constexpr int kWPerThread = BK * BN / kThreads;    // SIMT weights / weight-gradient cotangent
 // Flags of the launch: which tiles may be copied with 16-byte loads.
 constexpr unsigned kVecX = 1;  // x's rows (Cin % 8 == 0, x 16-byte aligned)
-constexpr unsigned kVecB = 2;  // w's rows (forward) / ct's rows (kernel gradient): Cout % 8 == 0
+constexpr unsigned kVecB = 2;  // w's rows (forward) / ct's rows (weight gradient): Cout % 8 == 0
 
 // What the indexing below assumes of the tile constants (checked for both builds).
 static_assert(kThreads == 256 && BM * BN == kThreads * 16, "SIMT: 4 x 4 outputs per thread");
@@ -291,7 +291,7 @@ __device__ inline void gather_matmul_simt(const T* __restrict__ x, const T* __re
                  : "memory");                                                                \
   }
 JSC_BF16_SHARED_LOAD("a", "row", matrix_a, row_major)  // the forward's gathered rows
-JSC_BF16_SHARED_LOAD("a", "col", matrix_a, col_major)  // the kernel gradient's, transposed
+JSC_BF16_SHARED_LOAD("a", "col", matrix_a, col_major)  // the weight gradient's, transposed
 JSC_BF16_SHARED_LOAD("b", "row", matrix_b, row_major)  // weights / cotangent rows
 #undef JSC_BF16_SHARED_LOAD
 #endif
@@ -461,13 +461,13 @@ __global__ void __launch_bounds__(kThreads, GatherBlocksPerSm<T>::value)
   }
 }
 
-// ---------------------------------------------------------------- kernel gradient, SIMT
+// ---------------------------------------------------------------- weight gradient, SIMT
 // Partial sums over fixed row partitions: grid (ceil(Cin / BM), ceil(Cout / BN), S * P),
 // part[p, s] = sum over rows of partition p of x[nbr[m, s]]^T ct[m]. The neighbours of
 // KG_ROWS rows at a time come to shared memory in one read (a thread each), with a flag
 // per BK-row group that has any.
 template <class T>
-__device__ inline void kernel_grad_simt(const T* __restrict__ x, const T* __restrict__ ct,
+__device__ inline void weight_grad_simt(const T* __restrict__ x, const T* __restrict__ ct,
                                         const int32_t* __restrict__ nbr,
                                         typename Acc<T>::type* __restrict__ part, int64_t n,
                                         int64_t m, int num_slots, int cin, int cout, int parts) {
@@ -530,7 +530,7 @@ __device__ inline void kernel_grad_simt(const T* __restrict__ x, const T* __rest
     }
 }
 
-// ---------------------------------------------------------------- kernel gradient, tensor cores
+// ---------------------------------------------------------------- weight gradient, tensor cores
 // The same partial sums for float16 / bfloat16 (float32 accumulation, WMMA 16x16x16):
 // dw tile (64 input channels x 64 output channels) += X^T C over groups of HBK rows,
 // X = the gathered rows xs[k][i] read as a column-major A operand (A[i][k] = xs[k][i]),
@@ -539,7 +539,7 @@ __device__ inline void kernel_grad_simt(const T* __restrict__ x, const T* __rest
 // channels 32 (w % 2) + [0, 32). A row without a neighbour is zero in both tiles (so an
 // infinite cotangent there adds nothing, as in the SIMT kernel).
 template <class T>
-struct KernelGradShared {
+struct WeightGradShared {
   union {
     struct {
       T xs[HBK * LDB];  // xs[k][i]: the gathered rows
@@ -550,16 +550,16 @@ struct KernelGradShared {
   int32_t rows[KG_ROWS];
   int32_t present[KG_ROWS / HBK];
 };
-static_assert((HBK * LDB * 2) % 32 == 0, "KernelGradShared: cs stays 32-byte aligned");
+static_assert((HBK * LDB * 2) % 32 == 0, "WeightGradShared: cs stays 32-byte aligned");
 
 template <class T>
-__device__ inline void kernel_grad_mma(const T* __restrict__ x, const T* __restrict__ ct,
+__device__ inline void weight_grad_mma(const T* __restrict__ x, const T* __restrict__ ct,
                                        const int32_t* __restrict__ nbr, float* __restrict__ part,
                                        int64_t n, int64_t m, int num_slots, int cin, int cout,
                                        int parts, unsigned vec) {
   namespace wmma = nvcuda::wmma;
   constexpr int kGroups = KG_ROWS / HBK;
-  JSC_SHARED(__align__(32) KernelGradShared<T>, sm, );
+  JSC_SHARED(__align__(32) WeightGradShared<T>, sm, );
   T* const xs = sm.u.in.xs;
   T* const cs = sm.u.in.cs;
   float* const st = sm.u.st;
@@ -622,42 +622,42 @@ __device__ inline void kernel_grad_mma(const T* __restrict__ x, const T* __restr
   }
 }
 
-// ---------------------------------------------------------------- kernel-gradient kernels
+// ---------------------------------------------------------------- weight-gradient kernels
 // Register cap: 4 blocks per SM (what ffi.num_partitions assumes) at 64 registers, without
 // spills; float64 needs more (2 blocks).
 template <class T>
-struct KernelGradBlocksPerSm {
+struct WeightGradBlocksPerSm {
   static constexpr int value = 4;
 };
 template <>
-struct KernelGradBlocksPerSm<double> {
+struct WeightGradBlocksPerSm<double> {
   static constexpr int value = 2;
 };
 
 template <class T>
-__global__ void __launch_bounds__(kThreads, KernelGradBlocksPerSm<T>::value)
-    kernel_grad_partial(const T* __restrict__ x, const T* __restrict__ ct,
+__global__ void __launch_bounds__(kThreads, WeightGradBlocksPerSm<T>::value)
+    weight_grad_partial(const T* __restrict__ x, const T* __restrict__ ct,
                         const int32_t* __restrict__ nbr,
                         typename Acc<T>::type* __restrict__ part, int64_t n, int64_t m,
                         int num_slots, int cin, int cout, int parts, unsigned vec) {
   if constexpr (std::is_same<T, __half>::value) {
-    kernel_grad_mma(x, ct, nbr, part, n, m, num_slots, cin, cout, parts, vec);
+    weight_grad_mma(x, ct, nbr, part, n, m, num_slots, cin, cout, parts, vec);
   } else if constexpr (std::is_same<T, __nv_bfloat16>::value) {
 #ifdef __CUDACC__
     if constexpr (kArchHasBf16Mma) {
-      kernel_grad_mma(x, ct, nbr, part, n, m, num_slots, cin, cout, parts, vec);
+      weight_grad_mma(x, ct, nbr, part, n, m, num_slots, cin, cout, parts, vec);
     } else {
-      kernel_grad_simt(x, ct, nbr, part, n, m, num_slots, cin, cout, parts);
+      weight_grad_simt(x, ct, nbr, part, n, m, num_slots, cin, cout, parts);
     }
 #else
     if (jsc_shim::device_cc() >= kMinCcBf16Mma) {
-      kernel_grad_mma(x, ct, nbr, part, n, m, num_slots, cin, cout, parts, vec);
+      weight_grad_mma(x, ct, nbr, part, n, m, num_slots, cin, cout, parts, vec);
     } else {
-      kernel_grad_simt(x, ct, nbr, part, n, m, num_slots, cin, cout, parts);
+      weight_grad_simt(x, ct, nbr, part, n, m, num_slots, cin, cout, parts);
     }
 #endif
   } else {
-    kernel_grad_simt(x, ct, nbr, part, n, m, num_slots, cin, cout, parts);
+    weight_grad_simt(x, ct, nbr, part, n, m, num_slots, cin, cout, parts);
   }
 }
 
@@ -741,31 +741,31 @@ ffi::Error GatherMatmul(JSC_STREAM_PARAM ffi::AnyBuffer x, ffi::AnyBuffer w,
 }
 
 template <class T>
-ffi::Error kernel_grad_launch(jsc_stream_t stream, const void* x, const void* ct,
+ffi::Error weight_grad_launch(jsc_stream_t stream, const void* x, const void* ct,
                               const int32_t* nbr, void* dw, void* part, int64_t n, int64_t m,
                               int s, int cin, int cout, int parts) {
   using A = typename Acc<T>::type;
   const dim3 grid(unsigned(ceil_div(cin, BM)), unsigned(ceil_div(cout, BN)), unsigned(s * parts));
-  JSC_LAUNCH(kernel_grad_partial<T>, grid, dim3(kThreads), stream, static_cast<const T*>(x),
+  JSC_LAUNCH(weight_grad_partial<T>, grid, dim3(kThreads), stream, static_cast<const T*>(x),
              static_cast<const T*>(ct), nbr, static_cast<A*>(part), n, m, s, cin, cout, parts,
              vector_flags<T>(x, cin, ct, cout));
-  if (ffi::Error e = launched("kernel_grad: partial sums"); e.failure()) return e;
+  if (ffi::Error e = launched("weight_grad: partial sums"); e.failure()) return e;
   const int64_t size = int64_t(s) * cin * cout;
   JSC_LAUNCH(sum_partials<T>, dim3(unsigned(ceil_div(size, kThreads))), dim3(kThreads), stream,
              static_cast<const A*>(part), static_cast<T*>(dw), size, parts);
-  return launched("kernel_grad: sum of the partials");
+  return launched("weight_grad: sum of the partials");
 }
 
-ffi::Error KernelGrad(JSC_STREAM_PARAM ffi::AnyBuffer x, ffi::AnyBuffer ct,
+ffi::Error WeightGrad(JSC_STREAM_PARAM ffi::AnyBuffer x, ffi::AnyBuffer ct,
                       ffi::Buffer<ffi::S32> nbr, ffi::Result<ffi::AnyBuffer> dw,
                       ffi::Result<ffi::AnyBuffer> part) {
   ConvShape sh;
   const int64_t parts = dim(part->dimensions(), 0);
-  if (!kernel_grad_shape(x.dimensions(), ct.dimensions(), nbr.dimensions(), dw->dimensions(),
+  if (!weight_grad_shape(x.dimensions(), ct.dimensions(), nbr.dimensions(), dw->dimensions(),
                          sh) ||
       !has_shape(part->dimensions(), {parts, sh.s, sh.cin, sh.cout}) || parts < 1) {
-    return invalid(std::string("kernel_grad: inconsistent shapes: expects ") +
-                   kKernelGradShapes + ", part (P, S, Cin, Cout) with P >= 1");
+    return invalid(std::string("weight_grad: inconsistent shapes: expects ") +
+                   kWeightGradShapes + ", part (P, S, Cin, Cout) with P >= 1");
   }
   const int64_t n = sh.n, m = sh.m, s = sh.s, cin = sh.cin, cout = sh.cout;
   // The partial sums run on a grid (ceil(Cin / 64), ceil(Cout / 64), S * P), and CUDA caps
@@ -773,25 +773,25 @@ ffi::Error KernelGrad(JSC_STREAM_PARAM ffi::AnyBuffer x, ffi::AnyBuffer ct,
   // alone, so the summation order is fixed) and passed down as the workspace's leading
   // axis; here it is only validated against the launch limit.
   if (s * parts > kMaxGridYZ) {
-    return invalid("kernel_grad: S * P = " + std::to_string(s) + " * " + std::to_string(parts) +
+    return invalid("weight_grad: S * P = " + std::to_string(s) + " * " + std::to_string(parts) +
                    " partial-sum blocks exceed the CUDA grid limit gridDim.z <= " +
                    std::to_string(kMaxGridYZ) + "; pass a workspace with fewer partitions P");
   }
   const ffi::DataType t = x.element_type();
   const ffi::DataType acc = t == ffi::DataType::F64 ? ffi::DataType::F64 : ffi::DataType::F32;
   if (ct.element_type() != t || dw->element_type() != t || part->element_type() != acc) {
-    return invalid("kernel_grad: x, ct and dw must share one dtype; part is its accumulator");
+    return invalid("weight_grad: x, ct and dw must share one dtype; part is its accumulator");
   }
-  if (!fits_int32(n)) return invalid("kernel_grad: too many rows");
-  if (ceil_div(cout, BN) > kMaxGridYZ) return invalid("kernel_grad: Cout too large for the grid");
+  if (!fits_int32(n)) return invalid("weight_grad: too many rows");
+  if (ceil_div(cout, BN) > kMaxGridYZ) return invalid("weight_grad: Cout too large for the grid");
   if (s == 0 || cin == 0 || cout == 0) return ffi::Error::Success();
   ffi::Error result = ffi::Error::Success();
   const bool ok = by_dtype(t, [&](auto tag) {
-    result = kernel_grad_launch<typename decltype(tag)::type>(
+    result = weight_grad_launch<typename decltype(tag)::type>(
         stream, x.untyped_data(), ct.untyped_data(), nbr.typed_data(), dw->untyped_data(),
         part->untyped_data(), n, m, int(s), int(cin), int(cout), int(parts));
   });
-  if (!ok) return invalid("kernel_grad: dtype must be float16, bfloat16, float32 or float64");
+  if (!ok) return invalid("weight_grad: dtype must be float16, bfloat16, float32 or float64");
   return result;
 }
 
@@ -807,17 +807,17 @@ JSC_DEFINE_HANDLER(
         .Ret<ffi::AnyBuffer>());        // y: (M, Cout) output features, x's dtype
 
 JSC_DEFINE_HANDLER(
-    JscKernelGrad, KernelGrad,
+    JscWeightGrad, WeightGrad,
     JSC_BIND()
         .Arg<ffi::AnyBuffer>()          // x: (N, Cin) input features
         .Arg<ffi::AnyBuffer>()          // ct: (M, Cout) output cotangent, x's dtype
         .Arg<ffi::Buffer<ffi::S32>>()   // nbr: (M, S) kernel map, outside [0, N) = none
-        .Ret<ffi::AnyBuffer>()          // dw: (S, Cin, Cout) kernel gradient, x's dtype
+        .Ret<ffi::AnyBuffer>()          // dw: (S, Cin, Cout) weight gradient, x's dtype
         .Ret<ffi::AnyBuffer>());        // part: (P, S, Cin, Cout) partial sums, f32 (f64: f64)
 
 constexpr JscHandler kHandlers[] = {
     {"jsc_gather_matmul", JscGatherMatmul},
-    {"jsc_kernel_grad", JscKernelGrad},
+    {"jsc_weight_grad", JscWeightGrad},
 };
 
 }  // namespace

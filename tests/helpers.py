@@ -93,7 +93,7 @@ def loop_gather_matmul(x, w, nbr):
   return y
 
 
-def loop_kernel_grad(x, ct, nbr):
+def loop_weight_grad(x, ct, nbr):
   """``dw[s] = sum_m x[nbr[m, s]]^T ct[m]``, a plain loop."""
   n = x.shape[0]
   dw = np.zeros((nbr.shape[1], x.shape[1], ct.shape[1]))

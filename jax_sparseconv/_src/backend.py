@@ -51,7 +51,7 @@ def set_kernel_backend(backend: str) -> str:
 
   * ``"auto"`` (default; also read from ``$JAX_SPARSECONV_KERNELS``): the CUDA kernels
     on NVIDIA GPUs when the package was built with nvcc; on the CPU the native
-    kernels (float32 conv: forward, feature and kernel gradients; the neighbour
+    kernels (float32 conv: forward, feature and weight gradients; the neighbour
     search) and the jnp implementation for the other dtypes.
   * ``"jnp"``: the jnp implementation everywhere.
   * ``"host"``: the CUDA kernels on GPUs, and on the CPU the CUDA kernels compiled for

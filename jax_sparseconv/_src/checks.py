@@ -92,22 +92,6 @@ def normalize_offset(offset, kernel_size) -> tuple[float, float, float]:
   return tuple(float(o) for o in off)
 
 
-def as_mask(name: str, valid, n: int):
-  """Validity as a bool mask of shape ``(n,)`` from ``None``, a count, or a mask."""
-  if valid is None:
-    return jnp.ones((n,), bool)
-  valid = jnp.asarray(valid)
-  if valid.ndim == 0:
-    if not jnp.issubdtype(valid.dtype, jnp.integer):
-      raise TypeError(f"{name} as a count must be an integer, got dtype {valid.dtype}")
-    return jnp.arange(n) < valid
-  if valid.shape != (n,) or valid.dtype != jnp.bool_:
-    raise ValueError(
-        f"{name} must be an integer count or a bool mask of shape ({n},), "
-        f"got dtype {valid.dtype} shape {valid.shape}")
-  return valid
-
-
 def check_batch(name: str, batch, n: int):
   """Packed-batch ids: integer array of shape ``(n,)``."""
   batch = jnp.asarray(batch)
@@ -135,20 +119,23 @@ def check_capacity(capacity) -> int:
 
 
 def valid_mask(valid, shape, name: str = "valid"):
-  """Validity of padded rows, for one set ``shape = (n,)`` or a batch ``(B, n)``: ``None``
-  (all rows), integer count(s) of shape ``shape[:-1]`` (the first rows are valid), or a
-  bool mask of ``shape``. Returns the bool mask."""
+  """Validity of padded rows as a bool mask of ``shape``: ``(n,)`` for one set, ``(B, n)``
+  for a batch. ``valid`` is ``None`` (all rows), an integer count per set (shape
+  ``shape[:-1]``: the first rows are valid), or a bool mask of ``shape``."""
+  shape = tuple(shape)
   if valid is None:
     return jnp.ones(shape, bool)
   valid = jnp.asarray(valid)
-  if valid.dtype == jnp.bool_:
-    if valid.shape != tuple(shape):
-      raise ValueError(f"{name} mask must have shape {tuple(shape)}, got {valid.shape}")
-    return valid
-  if not jnp.issubdtype(valid.dtype, jnp.integer) or valid.shape != tuple(shape[:-1]):
-    raise ValueError(f"{name} must be a bool mask {tuple(shape)} or integer counts of shape "
-                     f"{tuple(shape[:-1])}, got {valid.dtype} {valid.shape}")
-  return jnp.arange(shape[-1], dtype=jnp.int32) < valid[..., None]
+  counts = shape[:-1]
+  if valid.shape == counts and valid.dtype != jnp.bool_:
+    if not jnp.issubdtype(valid.dtype, jnp.integer):
+      raise TypeError(f"{name} as a count must be an integer, got dtype {valid.dtype}")
+    return jnp.arange(shape[-1], dtype=jnp.int32) < valid[..., None]
+  if valid.shape != shape or valid.dtype != jnp.bool_:
+    what = "an integer count" if not counts else f"integer counts of shape {counts}"
+    raise ValueError(f"{name} must be {what} or a bool mask of shape {shape}, "
+                     f"got dtype {valid.dtype} shape {valid.shape}")
+  return valid
 
 
 def check_layer_params(layer: str, params, shapes: dict):

@@ -7,12 +7,12 @@ Two extension modules of this package carry the XLA FFI handlers:
 * ``_host_kernels``, registered for ``platform="cpu"``: the same CUDA source compiled by
   g++ through ``ffi/cuda_host_shim.h`` (every CUDA thread a fiber, blocks in turn; slow,
   so that the kernels' indexing runs through the test suite without a GPU), the native
-  CPU conv kernels (float32 gather-matmul and kernel gradient over the pairs that
+  CPU conv kernels (float32 gather-matmul and weight gradient over the pairs that
   exist, AVX2, threads) and the native CPU search kernels (key sort, neighbour lookup,
   inverse map).
 
 Each wrapper below is one ``jax.ffi.ffi_call``; which one runs is decided in
-``backend.py``. Policies that the kernels need (the kernel gradient's partition count)
+``backend.py``. Policies that the kernels need (the weight gradient's partition count)
 are decided here and passed down as shapes: the kernels take no attributes.
 """
 
@@ -24,10 +24,10 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from . import vma
+from . import sharding
 
 _SUPPORTED = tuple(jnp.dtype(t) for t in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
-#: Bound on the kernel-gradient partial sums, in elements (deterministic reduction).
+#: Bound on the weight-gradient partial sums, in elements (deterministic reduction).
 PARTIAL_ELEMS = 16 * 2**20
 
 
@@ -80,14 +80,14 @@ def _call(target, results, *args, vmap_method="sequential"):
   """``jax.ffi.ffi_call(target, results)(*args)`` with ``results`` a list of
   ``(shape, dtype)``; under ``shard_map`` operands and results vary over the same mesh
   axes, and vmapped over a batch sharded over Explicit mesh axes the call runs per shard
-  (``vma.py``). Returns one array, or a tuple for several results."""
-  args = vma.match(*args)
-  types = [vma.result(args[0], shape, dtype) for shape, dtype in results]
+  (``sharding.py``). Returns one array, or a tuple for several results."""
+  args = sharding.match(*args)
+  types = [sharding.result(args[0], shape, dtype) for shape, dtype in results]
   call = jax.ffi.ffi_call(target, types if len(types) > 1 else types[0],
                           vmap_method=vmap_method)
   if vmap_method == "broadcast_all":  # the search kernels: integer operands
-    # vmapped over a batch axis sharded over Explicit mesh axes: per shard (vma.py).
-    call = vma.vmap_per_shard(call)
+    # vmapped over a batch axis sharded over Explicit mesh axes: per shard (sharding.py).
+    call = sharding.vmap_per_shard(call)
   out = call(*args)
   return tuple(out) if len(types) > 1 else out
 
@@ -113,7 +113,7 @@ def gather_matmul(x, w, nbr, out_dtype):
 
 
 def num_partitions(m: int, s: int, cin: int, cout: int) -> int:
-  """Row partitions of the kernel gradient: enough blocks to fill a GPU (at most 528 blocks,
+  """Row partitions of the weight gradient: enough blocks to fill a GPU (at most 528 blocks,
   the 4 resident blocks of each of an H100's 132 SMs: one wave),
   a bounded workspace; a function of the shapes only, so the reduction order is fixed.
   (``s * parts`` stays near 528, far below the grid limit that the CUDA handler checks.)"""
@@ -125,14 +125,14 @@ def num_partitions(m: int, s: int, cin: int, cout: int) -> int:
   return int(min(want, cap))
 
 
-def kernel_grad(x, ct, nbr, w_dtype):
-  """``dw[s] = sum_m x[nbr[m, s]]^T ct[m]`` by the ``jsc_kernel_grad`` kernel; the
+def weight_grad(x, ct, nbr, w_dtype):
+  """``dw[s] = sum_m x[nbr[m, s]]^T ct[m]`` by the ``jsc_weight_grad`` kernel; the
   partition count is passed down as the workspace's leading dimension."""
   dt = _compute_dtype(x.dtype, ct.dtype, w_dtype)
   acc = jnp.float64 if dt == jnp.float64 else jnp.float32
   (m, s), cin, cout = nbr.shape, x.shape[1], ct.shape[1]
   parts = num_partitions(m, s, cin, cout)
-  dw, _ = _call("jsc_kernel_grad", [((s, cin, cout), dt), ((parts, s, cin, cout), acc)],
+  dw, _ = _call("jsc_weight_grad", [((s, cin, cout), dt), ((parts, s, cin, cout), acc)],
                 x.astype(dt), ct.astype(dt), nbr.astype(jnp.int32))
   return dw.astype(w_dtype)
 
@@ -146,9 +146,9 @@ def cpu_gather_matmul(x, w, nbr):
                x, w, nbr.astype(jnp.int32))
 
 
-def cpu_kernel_grad(x, ct, nbr):
+def cpu_weight_grad(x, ct, nbr):
   """float32 ``dw[s] = sum_m x[nbr[m, s]]^T ct[m]`` by the native CPU kernel."""
-  return _call("jsc_cpu_kernel_grad", [((nbr.shape[1], x.shape[1], ct.shape[1]), jnp.float32)],
+  return _call("jsc_cpu_weight_grad", [((nbr.shape[1], x.shape[1], ct.shape[1]), jnp.float32)],
                x, ct, nbr.astype(jnp.int32))
 
 

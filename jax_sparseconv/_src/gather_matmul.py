@@ -1,7 +1,7 @@
 """The conv's two inner ops as primitives, with their differentiation rules.
 
 * ``sparse_gather_matmul``: ``y[m] = sum_s x[nbr[m, s]] @ w[s]`` (the forward pass).
-* ``sparse_kernel_grad``: ``dw[s] = sum_m x[nbr[m, s]]^T ct[m]`` (the kernel gradient).
+* ``sparse_weight_grad``: ``dw[s] = sum_m x[nbr[m, s]]^T ct[m]`` (the weight gradient).
 
 Each has one section below, in the order of jax's ``experimental/sparse/coo.py``:
 public function, jnp implementation, abstract evaluation, lowering, JVP, transpose and
@@ -11,7 +11,7 @@ Why primitives: autodiff of a gather is a scatter-add, slow on CPU and
 nondeterministic on GPU. Both ops are bilinear. The transpose of the gather-matmul
 with respect to ``x`` is the same op over the *inverse* map (``inv[n, s]`` = the output
 that reads input ``n`` at slot ``s``) with ``w`` transposed: a gather again. Its
-transpose with respect to ``w`` is the kernel gradient, whose own transposes are
+transpose with respect to ``w`` is the weight gradient, whose own transposes are
 gather-matmuls. Primitives with JVP and transpose rules keep forward mode and every
 higher derivative. The inverse exists when no two outputs read the same input
 through the same slot, i.e. when output positions are unique (``unique``); otherwise
@@ -31,7 +31,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from . import backend, ffi, vma
+from . import backend, ffi, sharding
 
 #: Memory budget of one gathered chunk, in bytes (rows * slots * Cin * itemsize).
 CHUNK_BYTES = 16 * 2**20
@@ -87,14 +87,14 @@ def _x_cotangent(x_aval, rows, kernel, nbr, inv, unique, jnp_op, backend_name):
   kernel_t = transpose_kernel(kernel, x_aval.shape[1] // max(kernel.shape[1], 1))
 
   def by_gather(rows):  # both branches vary like `rows` (shard_map)
-    return vma.match(gather_matmul(rows, kernel_t, inv, nbr, unique, x_aval.dtype, backend_name),
+    return sharding.match(gather_matmul(rows, kernel_t, inv, nbr, unique, x_aval.dtype, backend_name),
                      rows)[0]
 
   def by_scatter(rows):
     # The primal point varies like `rows`: the vjp of an invariant one would psum it.
-    x0 = vma.match(jnp.zeros(x_aval.shape, x_aval.dtype), rows)[0]
+    x0 = sharding.match(jnp.zeros(x_aval.shape, x_aval.dtype), rows)[0]
     x_bar = jax.vjp(jnp_op, x0)[1](rows)[0]
-    return vma.match(x_bar.astype(x_aval.dtype), rows)[0]
+    return sharding.match(x_bar.astype(x_aval.dtype), rows)[0]
 
   return jax.lax.cond(unique, by_gather, by_scatter, rows)
 
@@ -168,7 +168,7 @@ def gather_matmul(x, w, nbr, inv, unique, out_dtype, backend_name=None):
   Returns:
     ``(M, Cout)`` in ``out_dtype``.
   """
-  return gather_matmul_p.bind(*vma.match(*vma.replicated(x, w, nbr, inv, unique)),
+  return gather_matmul_p.bind(*sharding.match(*sharding.replicated(x, w, nbr, inv, unique)),
                               out_dtype=jnp.dtype(out_dtype),
                               backend_name=backend_name or backend.get_kernel_backend())
 
@@ -200,7 +200,7 @@ def _gm_abstract_eval(x, w, nbr, inv, unique, *, out_dtype, backend_name):
       or unique.shape != ()):
     raise ValueError(f"gather_matmul: inconsistent shapes x {x.shape}, w {w.shape}, "
                      f"nbr {nbr.shape}, inv {inv.shape}, unique {unique.shape}")
-  return vma.aval(x, (m, cout), out_dtype)
+  return sharding.aval(x, (m, cout), out_dtype)
 
 
 def _gm_lowered(x, w, nbr, inv, unique, *, out_dtype, backend_name):
@@ -228,16 +228,16 @@ def _gm_transpose(ct, x, w, nbr, inv, unique, *, out_dtype, backend_name):
                          lambda x_: gather_matmul_jnp(x_, w, nbr, out_dtype), backend_name)
     return x_bar, None, None, None, None
   groups = x.shape[1] // w.aval.shape[1] if w.aval.shape[1] else 1
-  return (None, kernel_grad(x, ct, nbr, inv, unique, w.aval.dtype, backend_name, groups), None,
+  return (None, weight_grad(x, ct, nbr, inv, unique, w.aval.dtype, backend_name, groups), None,
           None, None)
 
 
 def _gm_batch(args, dims, *, out_dtype, backend_name):
   """vmap: fold the batch into one big call (offset indices, per-batch sentinels); per
-  shard when the batch axis is sharded over Explicit mesh axes (``vma.py``)."""
-  axes = vma.batch_axes(args, dims)
+  shard when the batch axis is sharded over Explicit mesh axes (``sharding.py``)."""
+  axes = sharding.batch_axes(args, dims)
   if axes:
-    return vma.per_shard(jax.vmap(functools.partial(gather_matmul, out_dtype=out_dtype,
+    return sharding.per_shard(jax.vmap(functools.partial(gather_matmul, out_dtype=out_dtype,
                                                     backend_name=backend_name),
                                   in_axes=tuple(dims)), axes, args, dims), 0
   x, w, nbr, inv, unique = args
@@ -264,22 +264,22 @@ ad.primitive_transposes[gather_matmul_p] = _gm_transpose
 batching.primitive_batchers[gather_matmul_p] = _gm_batch
 
 
-# ------------------------------------------------------------------ kernel gradient
+# ------------------------------------------------------------------ weight gradient
 
-kernel_grad_p = Primitive("sparse_kernel_grad")
+weight_grad_p = Primitive("sparse_weight_grad")
 
 
-def kernel_grad(x, ct, nbr, inv, unique, w_dtype, backend_name=None, groups=1):
+def weight_grad(x, ct, nbr, inv, unique, w_dtype, backend_name=None, groups=1):
   """``dw[s] = sum_m x[nbr[m, s]]^T ct[m]``: ``(S, Cin // groups, Cout)`` in ``w_dtype``,
   group ``g``'s outputs pairing with group ``g``'s inputs (``backend_name`` as
   :func:`gather_matmul`)."""
-  return kernel_grad_p.bind(*vma.match(*vma.replicated(x, ct, nbr, inv, unique)),
+  return weight_grad_p.bind(*sharding.match(*sharding.replicated(x, ct, nbr, inv, unique)),
                             w_dtype=jnp.dtype(w_dtype),
                             backend_name=backend_name or backend.get_kernel_backend(),
                             groups=int(groups))
 
 
-def kernel_grad_jnp(x, ct, nbr, w_dtype, groups=1):
+def weight_grad_jnp(x, ct, nbr, w_dtype, groups=1):
   """The jnp implementation, accumulated chunk by chunk in a fixed order."""
   m, s = nbr.shape
   cin, cout = x.shape[1], ct.shape[1]
@@ -313,24 +313,24 @@ def kernel_grad_jnp(x, ct, nbr, w_dtype, groups=1):
 def _kg_abstract_eval(x, ct, nbr, inv, unique, *, w_dtype, backend_name, groups):
   (n, cin), (m, cout), (m_nbr, s) = x.shape, ct.shape, nbr.shape
   if m != m_nbr or inv.shape != (n, s) or cin % groups or cout % groups:
-    raise ValueError(f"kernel_grad: inconsistent shapes x {x.shape}, ct {ct.shape}, "
+    raise ValueError(f"weight_grad: inconsistent shapes x {x.shape}, ct {ct.shape}, "
                      f"nbr {nbr.shape}, inv {inv.shape} (groups {groups})")
-  return vma.aval(x, (s, cin // groups, cout), w_dtype)
+  return sharding.aval(x, (s, cin // groups, cout), w_dtype)
 
 
 def _kg_lowered(x, ct, nbr, inv, unique, *, w_dtype, backend_name, groups):
   del inv, unique  # for the transpose rules only
-  return _dispatch(functools.partial(kernel_grad_jnp, w_dtype=w_dtype, groups=groups),
-                   functools.partial(ffi.kernel_grad, w_dtype=w_dtype),
-                   ffi.cpu_kernel_grad, x, ct, nbr, w_dtype, backend_name, groups)
+  return _dispatch(functools.partial(weight_grad_jnp, w_dtype=w_dtype, groups=groups),
+                   functools.partial(ffi.weight_grad, w_dtype=w_dtype),
+                   ffi.cpu_weight_grad, x, ct, nbr, w_dtype, backend_name, groups)
 
 
 def _kg_jvp_x(dx, x, ct, nbr, inv, unique, *, w_dtype, backend_name, groups):
-  return kernel_grad(dx, ct, nbr, inv, unique, w_dtype, backend_name, groups)
+  return weight_grad(dx, ct, nbr, inv, unique, w_dtype, backend_name, groups)
 
 
 def _kg_jvp_ct(dct, x, ct, nbr, inv, unique, *, w_dtype, backend_name, groups):
-  return kernel_grad(x, dct, nbr, inv, unique, w_dtype, backend_name, groups)
+  return weight_grad(x, dct, nbr, inv, unique, w_dtype, backend_name, groups)
 
 
 def _kg_transpose(g, x, ct, nbr, inv, unique, *, w_dtype, backend_name, groups):
@@ -348,20 +348,20 @@ def _kg_transpose(g, x, ct, nbr, inv, unique, *, w_dtype, backend_name, groups):
 
 
 def _kg_batch(args, dims, *, w_dtype, backend_name, groups):
-  """vmap (per-example kernel gradients): one primitive call per example, in turn; per
-  shard when the batch axis is sharded over Explicit mesh axes (``vma.py``)."""
-  axes = vma.batch_axes(args, dims)
+  """vmap (per-example weight gradients): one primitive call per example, in turn; per
+  shard when the batch axis is sharded over Explicit mesh axes (``sharding.py``)."""
+  axes = sharding.batch_axes(args, dims)
   if axes:
-    return vma.per_shard(jax.vmap(functools.partial(kernel_grad, w_dtype=w_dtype,
+    return sharding.per_shard(jax.vmap(functools.partial(weight_grad, w_dtype=w_dtype,
                                                     backend_name=backend_name, groups=groups),
                                   in_axes=tuple(dims)), axes, args, dims), 0
   size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
   args = [batching.bdim_at_front(a, d, size) if d is not None else
           jnp.broadcast_to(a, (size, *a.shape)) for a, d in zip(args, dims)]
-  return jax.lax.map(lambda a: kernel_grad(*a, w_dtype, backend_name, groups), tuple(args)), 0
+  return jax.lax.map(lambda a: weight_grad(*a, w_dtype, backend_name, groups), tuple(args)), 0
 
 
-_register(kernel_grad_p, _kg_lowered, _kg_abstract_eval, ("w_dtype", "backend_name", "groups"))
-ad.defjvp(kernel_grad_p, _kg_jvp_x, _kg_jvp_ct, None, None, None)
-ad.primitive_transposes[kernel_grad_p] = _kg_transpose
-batching.primitive_batchers[kernel_grad_p] = _kg_batch
+_register(weight_grad_p, _kg_lowered, _kg_abstract_eval, ("w_dtype", "backend_name", "groups"))
+ad.defjvp(weight_grad_p, _kg_jvp_x, _kg_jvp_ct, None, None, None)
+ad.primitive_transposes[weight_grad_p] = _kg_transpose
+batching.primitive_batchers[weight_grad_p] = _kg_batch

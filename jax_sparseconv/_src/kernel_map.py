@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checks, errors, lattice, lookup, memory, vma
+from . import checks, errors, lattice, lookup, memory, sharding
 from .errors import ErrorCode
 
 
@@ -214,17 +214,17 @@ def float_map(in_pos, out_pos, voxel_size, kernel_size, *, offset=None, transpos
   if (in_batch is None) != (out_batch is None):
     raise ValueError("give both in_batch and out_batch, or neither")
   n, m = in_pos.shape[0], out_pos.shape[0]
-  in_mask = checks.as_mask("in_valid", in_valid, n)
-  out_mask = checks.as_mask("out_valid", out_valid, m)
+  in_mask = checks.valid_mask(in_valid, (n,), "in_valid")
+  out_mask = checks.valid_mask(out_valid, (m,), "out_valid")
   if in_batch is not None:
     in_batch = checks.check_batch("in_batch", in_batch, n)
     out_batch = checks.check_batch("out_batch", out_batch, m)
   dtype = jnp.result_type(in_pos.dtype, out_pos.dtype)
   _, cells = slot_geometry(ks, off)
   memory.check_kernel_map(n, m, len(cells))  # before anything is allocated
-  # Sharding in types (vma.py): operands sharded over Explicit mesh axes are replicated
+  # Sharding in types (sharding.py): operands sharded over Explicit mesh axes are replicated
   # for the search; vmapped over a sharded batch axis, the search runs per shard.
-  operands = vma.replicated(jax.lax.stop_gradient(in_pos.astype(dtype)),
+  operands = sharding.replicated(jax.lax.stop_gradient(in_pos.astype(dtype)),
                             jax.lax.stop_gradient(out_pos.astype(dtype)),
                             jax.lax.stop_gradient(jnp.asarray(voxel_size)), in_mask, out_mask,
                             in_batch, out_batch)
@@ -240,8 +240,8 @@ def float_map(in_pos, out_pos, voxel_size, kernel_size, *, offset=None, transpos
 @functools.lru_cache(maxsize=None)
 def _search(ks, off, transpose, in_all_valid):
   """:func:`_build` for these static arguments, run per shard when vmapped over a batch
-  axis sharded over Explicit mesh axes (``vma.vmap_per_shard``)."""
-  return vma.vmap_per_shard(functools.partial(_build, ks=ks, off=off, transpose=transpose,
+  axis sharded over Explicit mesh axes (``sharding.vmap_per_shard``)."""
+  return sharding.vmap_per_shard(functools.partial(_build, ks=ks, off=off, transpose=transpose,
                                               in_all_valid=in_all_valid))
 
 
@@ -296,7 +296,7 @@ def lattice_map(in_coords, in_mask, in_batch, anchors, out_mask, out_batch, geom
   n, m = in_coords.shape[0], anchors.shape[0]
   memory.check_kernel_map(n, m, geometry.num_slots)
   deltas = tuple(map(tuple, geometry.deltas().tolist()))
-  operands = vma.replicated(in_coords, in_mask, in_batch, anchors, out_mask, out_batch)
+  operands = sharding.replicated(in_coords, in_mask, in_batch, anchors, out_mask, out_batch)
   neighbors, inverse, unique, found = _lattice_search(deltas)(*operands)
   flags = found if flags is None else found | flags
   errors.report(flags, where)
@@ -306,7 +306,7 @@ def lattice_map(in_coords, in_mask, in_batch, anchors, out_mask, out_batch, geom
 
 @functools.lru_cache(maxsize=None)
 def _lattice_search(deltas):
-  return vma.vmap_per_shard(functools.partial(_lattice_build, deltas=deltas))
+  return sharding.vmap_per_shard(functools.partial(_lattice_build, deltas=deltas))
 
 
 @functools.partial(jax.jit, static_argnames=("deltas",))

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import backend, ffi, lattice, vma
+from . import backend, ffi, lattice, sharding
 from .morton import MAX_COORD
 
 #: Coordinates the native lookup accepts, per axis (``[0, 2**21)``).
@@ -272,7 +272,7 @@ class _BlockTable:
     # Initial values vary like the keys (inside shard_map, the carry's types must match).
     slots, _, d = jax.lax.while_loop(
         lambda st: jnp.any(st[1]), insert,
-        vma.match(jnp.full(size, n, jnp.int32), ids < num_blocks, jnp.zeros_like(home),
+        sharding.match(jnp.full(size, n, jnp.int32), ids < num_blocks, jnp.zeros_like(home),
                   home)[:3])
     entries = jnp.stack([slots.astype(jnp.uint32)] + [_take(k, slots) for k in keys], -1)
     return cls(jnp.stack([start, mask], -1), entries, jnp.max(d) + 1)
@@ -304,7 +304,7 @@ class _BlockTable:
     shape = home.shape
     home, words = home.reshape(-1), [w.reshape(-1) for w in words]
     total = home.shape[0]
-    found, open_ = probe(0, home, words, *vma.match(jnp.full(total, n, jnp.int32),
+    found, open_ = probe(0, home, words, *sharding.match(jnp.full(total, n, jnp.int32),
                                                     jnp.ones(total, bool), home)[:2])
     # Most queries are answered by the entry at their hash. The others go on in a buffer
     # of an eighth of the queries at a time, each until its block or an empty entry.

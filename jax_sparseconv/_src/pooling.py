@@ -105,7 +105,7 @@ def devoxelize(t: SparseTensor, points, *, valid=None, batch=None):
   """
   points = checks.check_positions("points", points)
   n_pts = points.shape[0]
-  mask = checks.as_mask("valid", valid, n_pts)
+  mask = checks.valid_mask(valid, (n_pts,), "valid")
   if (batch is None) != (t.batch is None):
     raise ValueError("give the points' batch exactly when the level is a packed batch")
   if batch is not None:

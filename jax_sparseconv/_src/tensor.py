@@ -147,7 +147,7 @@ class SparseTensor:
                        f"(shapes {feats.shape} and {positions.shape})")
     checks.check_voxel_size(voxel_size)
     n = positions.shape[0]
-    mask = checks.as_mask("valid", valid, n)
+    mask = checks.valid_mask(valid, (n,), "valid")
     b = None if batch is None else checks.check_batch("batch", batch, n)
     coords, origin, flags = _quantize(positions, jnp.asarray(voxel_size, positions.dtype), mask,
                                       all_valid=valid is None)
@@ -201,7 +201,7 @@ class SparseTensor:
     extent = _to_xyz(per_axis("spatial_shape", spatial_shape, 1), axis_order)
     if batch_size is not None:
       batch_size = checks.check_capacity(batch_size)
-    mask = checks.as_mask("valid", valid, n)
+    mask = checks.valid_mask(valid, (n,), "valid")
     idx = indices.astype(jnp.int32)
     cols = [3, 2, 1] if axis_order == "zyx" else [1, 2, 3]
     coords = idx[:, cols]

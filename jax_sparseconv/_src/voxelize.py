@@ -95,7 +95,7 @@ def unique_voxels_flagged(positions, feats, voxel_size, *, valid=None, batch=Non
     raise ValueError(f"feats has {feats.shape[0]} rows but positions has {n} "
                      f"(shapes {feats.shape} and {positions.shape})")
   checks.check_voxel_size(voxel_size)
-  mask = checks.as_mask("valid", valid, n)
+  mask = checks.valid_mask(valid, (n,), "valid")
   b = None if batch is None else checks.check_batch("batch", batch, n)
   cap = n if capacity is None else checks.check_capacity(capacity)
   out = _unique(positions, feats, voxel_size, mask, b, cap=cap, all_valid=valid is None)
@@ -205,7 +205,7 @@ def downsample(positions, voxel_size, factor: int = 2, *, valid=None, batch=None
   checks.check_voxel_size(voxel_size)
   factor = checks.check_factor(factor)
   n = positions.shape[0]
-  mask = checks.as_mask("valid", valid, n)
+  mask = checks.valid_mask(valid, (n,), "valid")
   vs = jnp.asarray(voxel_size, positions.dtype)
   coarse, flags = _coarse(positions, vs, mask, factor=factor, all_valid=valid is None)
   errors.report(flags, "downsample")

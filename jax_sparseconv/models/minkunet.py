@@ -528,7 +528,7 @@ def sparse_quantize(points, feats, voxel_size, *, batch=None, valid=None, capaci
   if feats.ndim != 2 or feats.shape[0] != n:
     raise ValueError(f"feats must have shape ({n}, C), got {feats.shape}")
   cap = n if capacity is None else checks.check_capacity(capacity)
-  mask = checks.as_mask("valid", valid, n)
+  mask = checks.valid_mask(valid, (n,), "valid")
   b = jnp.zeros((n,), jnp.int32) if batch is None else jnp.asarray(batch, jnp.int32)
   tensor, p2v, flags = _quantize(points.astype(jnp.float32), feats, jnp.float32(voxel_size),
                                  mask, b, cap=cap, reduce=reduce, rounding=rounding,

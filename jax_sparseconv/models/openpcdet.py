@@ -258,7 +258,7 @@ def mean_vfe(points, point_cloud_range, voxel_size, max_points_per_voxel: int = 
     raise ValueError(f"point_cloud_range must be 6 numbers and voxel_size 3 positive ones, got "
                      f"{point_cloud_range} and {voxel_size}")
   grid = tuple(int(round((rng[3 + a] - rng[a]) / vs[a])) for a in range(3))
-  mask = checks.as_mask("valid", valid, n)
+  mask = checks.valid_mask(valid, (n,), "valid")
   b = jnp.zeros((n,), jnp.int32) if batch is None else checks.check_batch("batch", batch, n)
   if capacity is None:
     clouds = 1 if batch is None else (int(np.max(np.asarray(batch), initial=0)) + 1

@@ -104,7 +104,7 @@ class SpUNet(nn.Module):
     batch = offset_to_batch(offset, n)
     mask = jnp.arange(n) < offset[-1]
     if valid is not None:
-      mask &= checks.as_mask("valid", valid, n)
+      mask &= checks.valid_mask(valid, (n,), "valid")
     if checks.is_concrete(grid_coord) and checks.is_concrete(mask):
       g = np.asarray(grid_coord)[np.asarray(mask)]
       extent = tuple(int(v) + 96 for v in g.max(0)) if len(g) else (96, 96, 96)

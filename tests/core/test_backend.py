@@ -46,11 +46,11 @@ def test_cpu_programs_name_the_kernels_each_backend_asks_for(flag_errors):
     assert "@jsc_" not in _cpu_text(f, args)
     backend.set_kernel_backend("auto")  # native CPU kernels
     text = _cpu_text(f, args)
-    assert "@jsc_cpu_gather_matmul" in text and "@jsc_cpu_kernel_grad" in text
-    assert "@jsc_gather_matmul" not in text and "@jsc_kernel_grad" not in text
+    assert "@jsc_cpu_gather_matmul" in text and "@jsc_cpu_weight_grad" in text
+    assert "@jsc_gather_matmul" not in text and "@jsc_weight_grad" not in text
     backend.set_kernel_backend("host")  # the CUDA source's host build, never a CUDA target
     text = _cpu_text(f, args)
-    assert "@jsc_gather_matmul" in text and "@jsc_kernel_grad" in text
+    assert "@jsc_gather_matmul" in text and "@jsc_weight_grad" in text
     assert "@jsc_cpu_" not in text
   finally:
     backend.set_kernel_backend(previous)
@@ -63,7 +63,7 @@ def test_cuda_lowering_names_the_kernels(flag_errors):
   programs need error mode "flag" (no host callback)."""
   f, args = _conv_fn()
   text = jax.export.export(f, platforms=("cuda",), disabled_checks=OURS)(*args).mlir_module()
-  assert "@jsc_gather_matmul" in text and "@jsc_kernel_grad" in text
+  assert "@jsc_gather_matmul" in text and "@jsc_weight_grad" in text
 
 
 

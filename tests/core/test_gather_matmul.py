@@ -19,7 +19,7 @@ import jax_sparseconv as sc
 from jax_sparseconv._src import gather_matmul as gm
 from jax_sparseconv._src import backend, ffi
 from tests.helpers import (TOLS, kernel_inputs as _inputs, lattice_cloud, loop_gather_matmul,
-                           loop_kernel_grad, random_map, rel_err, x64)
+                           loop_weight_grad, random_map, rel_err, x64)
 
 
 
@@ -82,19 +82,19 @@ def test_gather_matmul_matches_loop(rng, on_kernels, impl, dtype, shape):
 
 
 
-def _cpu_kernel_grad(x, ct, nbr, dtype):
+def _cpu_weight_grad(x, ct, nbr, dtype):
   _skip_unless_cpu_float32(dtype)
-  return ffi.cpu_kernel_grad(x, ct, nbr)
+  return ffi.cpu_weight_grad(x, ct, nbr)
 
 
 
-def _jnp_kernel_grad(x, ct, nbr, dtype):
+def _jnp_weight_grad(x, ct, nbr, dtype):
   nbr = jnp.where((nbr < 0) | (nbr > x.shape[0]), x.shape[0], nbr)
-  return gm.kernel_grad_jnp(x, ct, nbr, dtype)
+  return gm.weight_grad_jnp(x, ct, nbr, dtype)
 
 
 
-GRAD_IMPLS = {"kernels": ffi.kernel_grad, "cpu": _cpu_kernel_grad, "jnp": _jnp_kernel_grad}
+GRAD_IMPLS = {"kernels": ffi.weight_grad, "cpu": _cpu_weight_grad, "jnp": _jnp_weight_grad}
 
 
 
@@ -103,7 +103,7 @@ GRAD_IMPLS = {"kernels": ffi.kernel_grad, "cpu": _cpu_kernel_grad, "jnp": _jnp_k
 @pytest.mark.parametrize("shape,parts", [((90, 150, 4, 70, 66), 1), ((90, 150, 4, 70, 66), 3),
                                          ((300, 2100, 5, 7, 21), 1)],
                          ids=["tiles", "partitions", "threads"])
-def test_kernel_grad_matches_loop(rng, on_kernels, monkeypatch, impl, dtype, shape, parts):
+def test_weight_grad_matches_loop(rng, on_kernels, monkeypatch, impl, dtype, shape, parts):
   n, m, s, cin, cout = shape
   x = _inputs(rng, dtype, n, m, 1, cin, cout)[0]
   nbr = random_map(rng, n, m, s)
@@ -112,7 +112,7 @@ def test_kernel_grad_matches_loop(rng, on_kernels, monkeypatch, impl, dtype, sha
     ct = np.asarray(jnp.asarray(rng.standard_normal((m, cout)), dtype), np.float64)
     dw = GRAD_IMPLS[impl](jnp.asarray(x, dtype), jnp.asarray(ct, dtype), jnp.asarray(nbr),
                           jnp.dtype(dtype))
-    expect = loop_kernel_grad(x.astype(np.float64), ct, nbr)
+    expect = loop_weight_grad(x.astype(np.float64), ct, nbr)
     assert dw.shape == (s, cin, cout)
     assert rel_err(np.asarray(dw, np.float64), expect) < TOLS[dtype] * (4 if parts > 1 else 1)
 
@@ -134,9 +134,9 @@ def test_results_are_bitwise_reproducible(rng, on_kernels):
   ct = jnp.asarray(rng.standard_normal((m, cout)), jnp.float32)
   native = jax.default_backend() == "cpu"
   f = jax.jit(lambda x, w: (ffi.gather_matmul(x, w, nbr, jnp.float32),
-                            ffi.kernel_grad(x, ct, nbr, jnp.float32),
+                            ffi.weight_grad(x, ct, nbr, jnp.float32),
                             *((ffi.cpu_gather_matmul(x, w, nbr),
-                               ffi.cpu_kernel_grad(x, ct, nbr)) if native else ())))
+                               ffi.cpu_weight_grad(x, ct, nbr)) if native else ())))
   first = f(jnp.asarray(x), jnp.asarray(w))
   for _ in range(2):
     again = f(jnp.asarray(x), jnp.asarray(w))
@@ -159,7 +159,7 @@ def test_primitive_grads_through_kernels_match_jnp(rng):
 
     def f(x, w):
       y = gm.gather_matmul(x, w, nbr, inv, uniq, jnp.float64)
-      return jnp.sum(jnp.sin(y)) + jnp.sum(gm.kernel_grad(x, y, nbr, inv, uniq, jnp.float64)**2)
+      return jnp.sum(jnp.sin(y)) + jnp.sum(gm.weight_grad(x, y, nbr, inv, uniq, jnp.float64)**2)
 
     results = {}
     for name in ("jnp", "host"):
@@ -194,7 +194,7 @@ import sys, numpy as np, jax.numpy as jnp
 from jax_sparseconv._src import ffi
 d = np.load(sys.argv[1])
 x, w, ct, nbr = (jnp.asarray(d[k]) for k in ("x", "w", "ct", "nbr"))
-np.savez(sys.argv[2], y=ffi.cpu_gather_matmul(x, w, nbr), dw=ffi.cpu_kernel_grad(x, ct, nbr))
+np.savez(sys.argv[2], y=ffi.cpu_gather_matmul(x, w, nbr), dw=ffi.cpu_weight_grad(x, ct, nbr))
 """
 
 
@@ -215,6 +215,6 @@ def test_cpu_kernels_do_not_depend_on_the_thread_count(rng, tmp_path):
                  env={**os.environ, "JAX_SPARSECONV_CPU_THREADS": "1"})
   one = np.load(tmp_path / "out.npz")
   y = ffi.cpu_gather_matmul(jnp.asarray(x), jnp.asarray(w), jnp.asarray(nbr))
-  dw = ffi.cpu_kernel_grad(jnp.asarray(x), jnp.asarray(ct), jnp.asarray(nbr))
+  dw = ffi.cpu_weight_grad(jnp.asarray(x), jnp.asarray(ct), jnp.asarray(nbr))
   assert np.array_equal(np.asarray(y), one["y"]) and np.array_equal(np.asarray(dw), one["dw"])
 

@@ -241,7 +241,7 @@ def test_passed_check_lowers_the_cuda_kernels(forced_cuda_state, flag_errors):
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     text = _conv_export("cuda")
-  assert "@jsc_gather_matmul" in text and "@jsc_kernel_grad" in text
+  assert "@jsc_gather_matmul" in text and "@jsc_weight_grad" in text
   assert sc.kernel_builds()["cuda_usable"] is True
 
 
@@ -423,7 +423,7 @@ def test_missing_cuda_build_on_a_gpu_machine_warns(monkeypatch, error):
     backend.dispatch(lambda v: v + 1, lambda v: v * 0, x, backend="auto")
 
 
-def test_kernel_gradient_partitions_fill_one_wave():
+def test_weight_gradient_partitions_fill_one_wave():
   """Defect 7: the partition count rounds down, S * tiles * P <= 528 (132 SMs x 4 blocks):
   27 slots at 64 x 64 channels get 19 partitions (513 blocks), not 20 (540: a second wave
   of 12 blocks)."""

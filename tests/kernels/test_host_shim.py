@@ -109,7 +109,7 @@ def test_gather_matmul_kernel_over_several_neighbour_blocks(rng, dtype, s):
 # loads); 72 = a whole number of 16-byte pieces but not of 64-wide tiles. The shim aborts on
 # a 16-byte load from an address that is not 16-byte aligned, so a wrong copy choice fails.
 # At compute capability 9.0 both half types take the tensor cores; at 7.5 bfloat16 takes the
-# CUDA cores (issue 22: the tensor-core kernel gradient, 16-byte loads where Cin % 8 == 0).
+# CUDA cores (issue 22: the tensor-core weight gradient, 16-byte loads where Cin % 8 == 0).
 @pytest.mark.parametrize("cc", ["90", "75"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("cin,cout", [(64, 64), (72, 40), (16, 70), (70, 24), (5, 9)],
@@ -119,7 +119,7 @@ def test_half_kernels_on_every_copy_path(rng, monkeypatch, cc, dtype, cin, cout)
   import numpy as np
 
   from jax_sparseconv._src import backend, ffi
-  from tests.helpers import kernel_inputs, loop_gather_matmul, loop_kernel_grad, random_map
+  from tests.helpers import kernel_inputs, loop_gather_matmul, loop_weight_grad, random_map
   from tests.helpers import rel_err
   if ffi.host is None:
     pytest.skip("no host build")
@@ -135,10 +135,10 @@ def test_half_kernels_on_every_copy_path(rng, monkeypatch, cc, dtype, cin, cout)
   try:
     y = ffi.gather_matmul(jnp.asarray(x, dtype), jnp.asarray(w, dtype), jnp.asarray(nbr),
                           jnp.dtype(dtype))
-    dw = ffi.kernel_grad(jnp.asarray(x, dtype), jnp.asarray(ct, dtype), jnp.asarray(nbr),
+    dw = ffi.weight_grad(jnp.asarray(x, dtype), jnp.asarray(ct, dtype), jnp.asarray(nbr),
                          jnp.dtype(dtype))
   finally:
     backend.set_kernel_backend(previous)
   f64 = lambda a: np.asarray(a, np.float64)
   assert rel_err(f64(y), loop_gather_matmul(f64(x), f64(w), nbr)) < tol
-  assert rel_err(f64(dw), loop_kernel_grad(f64(x), f64(ct), nbr)) < tol
+  assert rel_err(f64(dw), loop_weight_grad(f64(x), f64(ct), nbr)) < tol

@@ -53,7 +53,7 @@ def kernel_from_spconv(weight):
   return weight.transpose(1, 2, 3, 4, 0)
 
 
-def kernel_grad_to_spconv(grad, cout, ks, cin):
+def weight_grad_to_spconv(grad, cout, ks, cin):
   """The inverse of :func:`kernel_from_spconv` (for the gradients)."""
   grad = np.asarray(grad)
   if np.prod(ks) == 1:
@@ -148,7 +148,7 @@ def test_conv_forward_and_gradients(name, backend):
   g_feats, g_params = jax.grad(loss, argnums=(0, 1))(t.feats, _params(case))
   w = case["weight"]
   _check("grad_features", g_feats, case["grad_features"])
-  _check("grad_weight", kernel_grad_to_spconv(g_params["kernel"], w.shape[0], w.shape[1:4],
+  _check("grad_weight", weight_grad_to_spconv(g_params["kernel"], w.shape[0], w.shape[1:4],
                                               w.shape[4]), case["grad_weight"])
   _check("grad_bias", g_params["bias"], case["grad_bias"])
 
@@ -191,7 +191,7 @@ def test_inverse_conv(name, backend):
   _check("grad_features", grads[0], case["grad_features"])
   for prefix, g in (("fwd_", grads[1]), ("", grads[2])):
     w = case[prefix + "weight"]
-    _check(prefix + "grad_weight", kernel_grad_to_spconv(g["kernel"], w.shape[0], w.shape[1:4],
+    _check(prefix + "grad_weight", weight_grad_to_spconv(g["kernel"], w.shape[0], w.shape[1:4],
                                                          w.shape[4]), case[prefix + "grad_weight"])
     _check(prefix + "grad_bias", g["bias"], case[prefix + "grad_bias"])
 
@@ -231,7 +231,7 @@ def test_chain_encoder_decoder(backend):
   _check("grad_features", g_feats, case["grad_features"])
   for i, g in enumerate(g_params, 1):
     w = case[f"stage{i}_weight"]
-    _check(f"stage {i} grad_weight", kernel_grad_to_spconv(g["kernel"], w.shape[0], w.shape[1:4],
+    _check(f"stage {i} grad_weight", weight_grad_to_spconv(g["kernel"], w.shape[0], w.shape[1:4],
                                                            w.shape[4]),
            case[f"stage{i}_grad_weight"])
     _check(f"stage {i} grad_bias", g["bias"], case[f"stage{i}_grad_bias"])
@@ -260,7 +260,7 @@ def test_post_act_block(name, backend):
   grads = jax.grad(lambda *a: jnp.sum(net(*a).feats * g_out), argnums=(0, 1, 2, 3))(*args)
   w = case["weight"]
   _check("grad_features", grads[0], case["grad_features"])
-  _check("grad_weight", kernel_grad_to_spconv(grads[1], w.shape[0], w.shape[1:4], w.shape[4]),
+  _check("grad_weight", weight_grad_to_spconv(grads[1], w.shape[0], w.shape[1:4], w.shape[4]),
          case["grad_weight"])
   _check("grad_bn_weight", grads[2], case["grad_bn_weight"])
   _check("grad_bn_bias", grads[3], case["grad_bn_bias"])

@@ -149,7 +149,7 @@ def conv_cases():
       bb = jnp.asarray(rng.integers(-2, n0 + 2, (m0, s0)), I32)
       expect_ok(f"gm {name}", target, [((m0, o0), F32)], [gm_ref(xx, ww, bb)], xx, ww, bb)
 
-  for target, host in [("jsc_cpu_kernel_grad", False), ("jsc_kernel_grad", True)]:
+  for target, host in [("jsc_cpu_weight_grad", False), ("jsc_weight_grad", True)]:
     p = parts(m, s, cin, cout)
     dw = ((s, cin, cout), F32)
     res = [dw, ((p, s, cin, cout), F32)] if host else [dw]
@@ -208,13 +208,13 @@ def conv_random(seed, iterations):
                    np.where(pick == 1, rng.integers(-3, n + 3, (m, s)),
                             rng.integers(0, max(n, 1), (m, s))))
     nbr = jnp.asarray(nbr.astype(np.int32))
-    target = ["jsc_cpu_gather_matmul", "jsc_gather_matmul", "jsc_cpu_kernel_grad",
-              "jsc_kernel_grad"][it % 4]
+    target = ["jsc_cpu_gather_matmul", "jsc_gather_matmul", "jsc_cpu_weight_grad",
+              "jsc_weight_grad"][it % 4]
     if "gather" in target:
       expect_ok(f"random gm {it}", target, [((m, cout), F32)], [gm_ref(x, w, nbr)], x, w, nbr)
     else:
       r = [((s, cin, cout), F32)]
-      if target == "jsc_kernel_grad":
+      if target == "jsc_weight_grad":
         r.append(((max(1, parts(m, s, cin, cout)), s, cin, cout), F32))
       expect_ok(f"random kg {it}", target, r, [kg_ref(x, ct, nbr)], x, ct, nbr)
 

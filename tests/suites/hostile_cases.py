@@ -955,11 +955,12 @@ CASES: list[Case] = [
     C("pool", "batch_order", "max_pool unsorted batch",
       lambda: max_pool(batch=UNSORTED), Ok(lambda o: np.testing.assert_equal(int(o[3]), 2))),
     C("pool", "mask", "max_pool valid (2,)", lambda: max_pool(valid=np.ones(2, bool)),
-      Raises(ValueError, "valid mask must have shape (3,), got (2,)")),
+      Raises(ValueError, "valid must be an integer count or a bool mask of shape (3,), got "
+                         "dtype bool shape (2,)")),
     C("pool", "mask", "global_avg_pool valid counts (2,) for (3, C)",
       lambda: gpool("avg", valid=np.array([1, 2], np.int32)),
-      Raises(ValueError, "valid must be a bool mask (3,) or integer counts of shape (), got "
-                         "int32 (2,)")),
+      Raises(ValueError, "valid must be an integer count or a bool mask of shape (3,), got "
+                         "dtype int32 shape (2,)")),
     C("pool", "padding", "max_pool NaN padded rows (valid=2)",
       lambda: max_pool(positions=PADDED, valid=np.int32(2)), Ok(rows_finite(1))),
     C("pool", "static", "kernel_size 0", lambda: max_pool(kernel_size=0),
@@ -1052,7 +1053,8 @@ CASES: list[Case] = [
     C("unet", "nan_pos", "a NaN point", lambda: unet(points=nan_row(UNET_PTS)),
       Invalid(E.NONFINITE_POSITION)),
     C("unet", "mask", "valid mask (3,)", lambda: unet(valid=np.ones(3, bool)),
-      Raises(ValueError, "valid mask must have shape (4,), got (3,)")),
+      Raises(ValueError, "valid must be an integer count or a bool mask of shape (4,), got "
+                         "dtype bool shape (3,)")),
     C("unet", "batch", "batch (3,)", lambda: unet(batch=np.zeros(3, np.int32)),
       Raises(ValueError, "batch must be int (4,), got int32 (3,)")),
     C("unet", "padding", "NaN padded point (valid=3)",

@@ -30,7 +30,7 @@ def _run(script, *args):
 
 def test_shard_map_value_and_grad_equals_one_device():
   """Before: the FFI path failed (switch branches of different types) and the jnp path
-  returned a wrong kernel gradient (the replicated kernel's gradient was not summed)."""
+  returned a wrong weight gradient (the replicated kernel's gradient was not summed)."""
   lines = _run("shard_map_grads.py", "jnp", "auto", "host")
   assert [line.split()[0] for line in lines] == ["jnp", "auto", "host"]
   for line in lines:
