@@ -6,6 +6,8 @@
 // Ops (FFI targets, this file's table at the end):
 //   jsc_cpu_gather_matmul:  x (N, Cin), w (S, Cin, Cout), nbr (M, S) -> y (M, Cout)
 //   jsc_cpu_weight_grad:    x (N, Cin), ct (M, Cout), nbr (M, S) -> dw (S, Cin, Cout)
+//   jsc_cpu_grouped_gather_matmul, jsc_cpu_grouped_weight_grad: the same with G groups
+//                           (w, dw (S, Cin / G, Cout); G from the shapes; depthwise: G = Cin)
 //
 // Unlike the jnp path, which gathers a dense (rows, slots * Cin) block (the ~45% of empty
 // slots included) and hands it to a matmul, this walks the map: for a tile of output rows
@@ -333,6 +335,167 @@ ffi::Error WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ct,
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------- grouped convs
+// G groups: output channels [g cog, (g + 1) cog) read input channels [g cig, (g + 1) cig)
+// through w[s][0, cig) x [g cog, (g + 1) cog) (w (S, cig, cout), cig = Cin / G,
+// cog = Cout / G). Few FLOPs a pair (depthwise: one a channel), so the loops go over
+// channels (vectorised by the compiler) a row at a time. Each y element sums its slots,
+// then its input channels, in order; each dw element its rows in order (slots dealt to
+// threads): results do not depend on the thread count.
+struct Grouped {
+  const float* x;
+  const float* b;  // w (S, cig, cout) or ct (M, cout)
+  const int32_t* nbr;
+  float* out;      // y (M, cout) or dw (S, cig, cout)
+  int64_t n, m;
+  int s, cin, cout, groups;
+};
+
+// yr[0, cout) += the grouped product of xr and ws (cig x cout).
+__attribute__((always_inline)) inline void grouped_row(float* yr, const float* xr,
+                                                       const float* ws, int cig, int cog,
+                                                       int groups, int cout) {
+  if (cig == 1 && cog == 1) {  // depthwise
+    for (int c = 0; c < cout; ++c) yr[c] += xr[c] * ws[c];
+    return;
+  }
+  for (int g = 0; g < groups; ++g) {
+    float* y = yr + g * cog;
+    for (int i = 0; i < cig; ++i) {
+      const float v = xr[g * cig + i];
+      const float* w = ws + int64_t(i) * cout + g * cog;
+      for (int o = 0; o < cog; ++o) y[o] += v * w[o];
+    }
+  }
+}
+
+// dw (cig x cout) += the grouped outer product of xr and gr.
+__attribute__((always_inline)) inline void grouped_outer(float* dw, const float* xr,
+                                                         const float* gr, int cig, int cog,
+                                                         int groups, int cout) {
+  if (cig == 1 && cog == 1) {
+    for (int c = 0; c < cout; ++c) dw[c] += xr[c] * gr[c];
+    return;
+  }
+  for (int g = 0; g < groups; ++g) {
+    for (int i = 0; i < cig; ++i) {
+      const float v = xr[g * cig + i];
+      float* d = dw + int64_t(i) * cout + g * cog;
+      const float* c = gr + g * cog;
+      for (int o = 0; o < cog; ++o) d[o] += v * c[o];
+    }
+  }
+}
+
+__attribute__((always_inline)) inline void grouped_rows_impl(const Grouped& p, int64_t begin,
+                                                             int64_t end) {
+  const int cig = p.cin / p.groups, cog = p.cout / p.groups;
+  const int64_t wstride = int64_t(cig) * p.cout;
+  for (int64_t r = begin; r < end; ++r) {
+    float* yr = p.out + r * p.cout;
+    std::fill(yr, yr + p.cout, 0.0f);
+    for (int s = 0; s < p.s; ++s) {
+      const int32_t j = p.nbr[r * p.s + s];
+      if (j < 0 || j >= p.n) continue;
+      grouped_row(yr, p.x + int64_t(j) * p.cin, p.b + s * wstride, cig, cog, p.groups, p.cout);
+    }
+  }
+}
+
+__attribute__((always_inline)) inline void grouped_grad_impl(const Grouped& p,
+                                                             const std::vector<int>& mine) {
+  const int cig = p.cin / p.groups, cog = p.cout / p.groups;
+  const int64_t wsize = int64_t(cig) * p.cout;
+  for (int s : mine) std::fill(p.out + s * wsize, p.out + (s + 1) * wsize, 0.0f);
+  for (int64_t r = 0; r < p.m; ++r) {
+    const int32_t* nb = p.nbr + r * p.s;
+    const float* gr = p.b + r * p.cout;
+    for (int s : mine) {
+      const int32_t j = nb[s];
+      if (j < 0 || j >= p.n) continue;
+      grouped_outer(p.out + s * wsize, p.x + int64_t(j) * p.cin, gr, cig, cog, p.groups, p.cout);
+    }
+  }
+}
+
+#ifdef JSC_X86
+__attribute__((target("avx2,fma"))) void grouped_rows_avx2(const Grouped& p, int64_t begin,
+                                                           int64_t end) {
+  grouped_rows_impl(p, begin, end);
+}
+__attribute__((target("avx2,fma"))) void grouped_grad_avx2(const Grouped& p,
+                                                           const std::vector<int>& mine) {
+  grouped_grad_impl(p, mine);
+}
+#endif
+
+void grouped_rows(const Grouped& p, int64_t begin, int64_t end, bool avx2) {
+#ifdef JSC_X86
+  if (avx2) return grouped_rows_avx2(p, begin, end);
+#endif
+  (void)avx2;
+  grouped_rows_impl(p, begin, end);
+}
+
+void grouped_grad(const Grouped& p, const std::vector<int>& mine, bool avx2) {
+#ifdef JSC_X86
+  if (avx2) return grouped_grad_avx2(p, mine);
+#endif
+  (void)avx2;
+  grouped_grad_impl(p, mine);
+}
+
+constexpr char kGroupedShapes[] =
+    "x (N, Cin), w or dw (S, Cin / G, Cout), nbr (M, S), y or ct (M, Cout), G dividing Cin "
+    "and Cout, every size < 2^31 - 1";
+
+// Shapes of a grouped op: x (n, cin), w (s, cig, cout), nbr (m, s), y (m, cout).
+bool grouped_shape(Dims x, Dims w, Dims nbr, Dims y, Grouped& p) {
+  p.n = dim(x, 0), p.cin = int(dim(x, 1)), p.s = int(dim(w, 0)), p.cout = int(dim(w, 2));
+  p.m = dim(nbr, 0);
+  const int64_t cig = dim(w, 1);
+  if (!has_shape(x, {p.n, p.cin}) || !has_shape(w, {p.s, cig, p.cout}) ||
+      !has_shape(nbr, {p.m, p.s}) || !has_shape(y, {p.m, p.cout}) || cig <= 0 ||
+      p.cin % cig != 0) {
+    return false;
+  }
+  p.groups = int(p.cin / cig);
+  return p.cout % p.groups == 0 &&
+         conv_sizes_fit(ConvShape{p.n, p.m, p.s, p.cin, p.cout}) && fits_int32(p.m);
+}
+
+ffi::Error GroupedGatherMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                               ffi::Buffer<ffi::S32> nbr, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  Grouped p{};
+  if (!grouped_shape(x.dimensions(), w.dimensions(), nbr.dimensions(), y->dimensions(), p)) {
+    return invalid(std::string("cpu_grouped_gather_matmul: inconsistent shapes: expects ") +
+                   kGroupedShapes);
+  }
+  p.x = x.typed_data(), p.b = w.typed_data(), p.nbr = nbr.typed_data(), p.out = y->typed_data();
+  if (p.m == 0 || p.cout == 0) return ffi::Error::Success();
+  const bool avx2 = has_avx2();
+  parallel_blocks(num_threads(p.m, p.m), p.m, 1024,
+                  [&](int64_t begin, int64_t end) { grouped_rows(p, begin, end, avx2); });
+  return ffi::Error::Success();
+}
+
+ffi::Error GroupedWeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ct,
+                             ffi::Buffer<ffi::S32> nbr, ffi::Result<ffi::Buffer<ffi::F32>> dw) {
+  Grouped p{};
+  if (!grouped_shape(x.dimensions(), dw->dimensions(), nbr.dimensions(), ct.dimensions(), p)) {
+    return invalid(std::string("cpu_grouped_weight_grad: inconsistent shapes: expects ") +
+                   kGroupedShapes);
+  }
+  p.x = x.typed_data(), p.b = ct.typed_data(), p.nbr = nbr.typed_data(), p.out = dw->typed_data();
+  if (p.s == 0 || p.cout == 0) return ffi::Error::Success();
+  const bool avx2 = has_avx2();
+  const int threads = num_threads(p.m, p.s);
+  std::vector<std::vector<int>> mine(threads);
+  for (int s = 0; s < p.s; ++s) mine[s % threads].push_back(s);
+  parallel(threads, [&](int t) { grouped_grad(p, mine[t], avx2); });
+  return ffi::Error::Success();
+}
+
 // ---------------------------------------------------------------- FFI handlers
 XLA_FFI_DEFINE_HANDLER(
     JscCpuGatherMatmul, GatherMatmul,
@@ -350,9 +513,27 @@ XLA_FFI_DEFINE_HANDLER(
         .Arg<ffi::Buffer<ffi::S32>>()    // nbr: (M, S) kernel map, outside [0, N) = none
         .Ret<ffi::Buffer<ffi::F32>>());  // dw: (S, Cin, Cout) weight gradient
 
+XLA_FFI_DEFINE_HANDLER(
+    JscCpuGroupedGatherMatmul, GroupedGatherMatmul,
+    ffi::Ffi::Bind()
+        .Arg<ffi::Buffer<ffi::F32>>()    // x: (N, Cin) input features
+        .Arg<ffi::Buffer<ffi::F32>>()    // w: (S, Cin / G, Cout) weights of each slot
+        .Arg<ffi::Buffer<ffi::S32>>()    // nbr: (M, S) kernel map, outside [0, N) = none
+        .Ret<ffi::Buffer<ffi::F32>>());  // y: (M, Cout) output features
+
+XLA_FFI_DEFINE_HANDLER(
+    JscCpuGroupedWeightGrad, GroupedWeightGrad,
+    ffi::Ffi::Bind()
+        .Arg<ffi::Buffer<ffi::F32>>()    // x: (N, Cin) input features
+        .Arg<ffi::Buffer<ffi::F32>>()    // ct: (M, Cout) output cotangent
+        .Arg<ffi::Buffer<ffi::S32>>()    // nbr: (M, S) kernel map, outside [0, N) = none
+        .Ret<ffi::Buffer<ffi::F32>>());  // dw: (S, Cin / G, Cout) weight gradient
+
 constexpr JscHandler kHandlers[] = {
     {"jsc_cpu_gather_matmul", JscCpuGatherMatmul},
     {"jsc_cpu_weight_grad", JscCpuWeightGrad},
+    {"jsc_cpu_grouped_gather_matmul", JscCpuGroupedGatherMatmul},
+    {"jsc_cpu_grouped_weight_grad", JscCpuGroupedWeightGrad},
 };
 
 }  // namespace

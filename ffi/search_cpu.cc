@@ -3,8 +3,8 @@
 // vmap_method="broadcast_all").
 //
 // Ops (FFI targets, this file's table at the end; `...` = leading batch axes):
-//   jsc_cpu_sort_keys:  hi, lo (..., N) uint32 -> hi, lo sorted by (hi, lo, position),
-//                       perm (..., N) int32
+//   jsc_cpu_sort_keys:  top, hi, lo (..., N) uint32 -> top, hi, lo sorted by
+//                       (top, hi, lo, position), perm (..., N) int32
 //   jsc_cpu_invert:     nbr (..., M, S) -> inv (..., N, S), unique (...)
 //   jsc_cpu_neighbors:  in_coords (..., N, 3), in_batch (..., N), in_valid (..., N),
 //                       out_coords (..., M, 3), out_batch (..., M), out_valid (..., M),
@@ -43,20 +43,30 @@ ffi::Error Invert(ffi::Buffer<ffi::S32> nbr, ffi::Result<ffi::Buffer<ffi::S32>> 
   bool* uniq = unique->typed_data();
   const int threads = num_threads(m * s / 8, s);
   std::vector<char> clash(size_t(batch) * threads, 0);
+  // Sequential passes only: the table filled row-major, then the map walked row by row,
+  // each thread scattering the slots of its contiguous range (each (j, slot) entry is
+  // written by one thread, in row order: the result does not depend on the threads).
+  parallel_rows(threads, batch * n * s, [&](int64_t begin, int64_t end) {
+    std::fill(dst + begin, dst + end, int32_t(m));
+  });
+  const int64_t per = (s + threads - 1) / threads;
   parallel(threads, [&](int t) {
+    const int64_t s0 = std::min<int64_t>(s, t * per), s1 = std::min<int64_t>(s, (t + 1) * per);
     for (int64_t b = 0; b < batch; ++b) {
       const int32_t* nb = src + b * m * s;
       int32_t* out = dst + b * n * s;
-      for (int64_t sl = t; sl < s; sl += threads) {
-        for (int64_t j = 0; j < n; ++j) out[j * s + sl] = int32_t(m);
-        for (int64_t r = 0; r < m; ++r) {
-          const int32_t j = nb[r * s + sl];
+      bool any = false;
+      for (int64_t r = 0; r < m; ++r) {
+        const int32_t* row = nb + r * s;
+        for (int64_t sl = s0; sl < s1; ++sl) {
+          const int32_t j = row[sl];
           if (j < 0 || j >= n) continue;
           int32_t& e = out[int64_t(j) * s + sl];
-          if (e != m) clash[size_t(b) * threads + t] = 1;
+          any |= e != m;
           e = int32_t(r);
         }
       }
+      if (any) clash[size_t(b) * threads + t] = 1;
     }
   });
   for (int64_t b = 0; b < batch; ++b) {
@@ -68,59 +78,80 @@ ffi::Error Invert(ffi::Buffer<ffi::S32> nbr, ffi::Result<ffi::Buffer<ffi::S32>> 
 }
 
 // ---------------------------------------------------------------- key sort
-// Sorts the two-word keys (hi, lo) of each leading batch entry with their positions:
-// (hi, lo, perm) in ascending (hi, lo, position) order, so equal keys keep their order.
-// LSD radix sort of the 64-bit key (hi << 32 | lo), 16 bits a pass, stable; passes whose
-// digit is the same for every key are skipped.
-ffi::Error SortKeys(ffi::Buffer<ffi::U32> hi, ffi::Buffer<ffi::U32> lo,
+// Sorts the three-word keys (top, hi, lo) of each leading batch entry with their
+// positions: (top, hi, lo, perm) in ascending (top, hi, lo, position) order, so equal keys
+// keep their order. `top` is the cloud index of packed batches (zeros for two-word keys).
+// LSD radix sort, 16 bits a pass, stable: the four digits of the 64-bit (hi << 32 | lo),
+// then the two of `top`; passes whose digit is the same for every key are skipped (so a
+// constant `top` costs nothing).
+ffi::Error SortKeys(ffi::Buffer<ffi::U32> top, ffi::Buffer<ffi::U32> hi, ffi::Buffer<ffi::U32> lo,
+                    ffi::Result<ffi::Buffer<ffi::U32>> top_out,
                     ffi::Result<ffi::Buffer<ffi::U32>> hi_out,
                     ffi::Result<ffi::Buffer<ffi::U32>> lo_out,
                     ffi::Result<ffi::Buffer<ffi::S32>> perm) {
   const Dims lead = leading(hi.dimensions(), 1);
   const int64_t n = dim(hi.dimensions(), -1);
-  if (!has_shape(hi.dimensions(), lead, {n}) || !has_shape(lo.dimensions(), lead, {n}) ||
+  if (!has_shape(top.dimensions(), lead, {n}) || !has_shape(hi.dimensions(), lead, {n}) ||
+      !has_shape(lo.dimensions(), lead, {n}) || !has_shape(top_out->dimensions(), lead, {n}) ||
       !has_shape(hi_out->dimensions(), lead, {n}) || !has_shape(lo_out->dimensions(), lead, {n}) ||
       !has_shape(perm->dimensions(), lead, {n})) {
-    return invalid("cpu_sort_keys: inconsistent shapes: expects hi, lo, and the three results "
-                   "all (..., N)");
+    return invalid("cpu_sort_keys: inconsistent shapes: expects top, hi, lo, and the four "
+                   "results all (..., N)");
   }
   if (!fits_int32(n)) return invalid("cpu_sort_keys: too many keys");
   const int64_t batch = product(lead);
   std::vector<uint64_t> key(n), key2(n);
+  std::vector<uint32_t> tw(n), tw2(n);
   std::vector<int32_t> idx(n), idx2(n);
   std::vector<int64_t> count(1 << 16);
   for (int64_t b = 0; b < batch; ++b) {
+    const uint32_t* t = top.typed_data() + b * n;
     const uint32_t* h = hi.typed_data() + b * n;
     const uint32_t* l = lo.typed_data() + b * n;
     uint64_t all_or = 0, all_and = ~uint64_t(0);
+    uint32_t top_or = 0, top_and = ~uint32_t(0);
     for (int64_t i = 0; i < n; ++i) {
       key[i] = (uint64_t(h[i]) << 32) | l[i];
+      tw[i] = t[i];
       idx[i] = int32_t(i);
       all_or |= key[i];
       all_and &= key[i];
+      top_or |= t[i];
+      top_and &= t[i];
     }
-    for (int shift = 0; shift < 64; shift += 16) {
-      if ((((all_or ^ all_and) >> shift) & 0xffff) == 0) continue;  // one digit value: no-op
+    // Passes 0-3 on the 64-bit word, 4-5 on `top`.
+    for (int pass = 0; pass < 6; ++pass) {
+      const bool on_top = pass >= 4;
+      const int shift = 16 * (on_top ? pass - 4 : pass);
+      const uint64_t varies = on_top ? uint64_t(top_or ^ top_and) : (all_or ^ all_and);
+      if (((varies >> shift) & 0xffff) == 0) continue;  // one digit value: no-op
+      auto digit = [&](int64_t i) {
+        return on_top ? (tw[i] >> shift) & 0xffff : (key[i] >> shift) & 0xffff;
+      };
       std::fill(count.begin(), count.end(), 0);
-      for (int64_t i = 0; i < n; ++i) ++count[(key[i] >> shift) & 0xffff];
+      for (int64_t i = 0; i < n; ++i) ++count[digit(i)];
       int64_t sum = 0;
       for (auto& c : count) {
-        const int64_t t = c;
+        const int64_t v = c;
         c = sum;
-        sum += t;
+        sum += v;
       }
       for (int64_t i = 0; i < n; ++i) {
-        const int64_t at = count[(key[i] >> shift) & 0xffff]++;
+        const int64_t at = count[digit(i)]++;
         key2[at] = key[i];
+        tw2[at] = tw[i];
         idx2[at] = idx[i];
       }
       key.swap(key2);
+      tw.swap(tw2);
       idx.swap(idx2);
     }
+    uint32_t* to = top_out->typed_data() + b * n;
     uint32_t* ho = hi_out->typed_data() + b * n;
     uint32_t* lw = lo_out->typed_data() + b * n;
     int32_t* pm = perm->typed_data() + b * n;
     for (int64_t i = 0; i < n; ++i) {
+      to[i] = tw[i];
       ho[i] = uint32_t(key[i] >> 32);
       lw[i] = uint32_t(key[i]);
       pm[i] = idx[i];
@@ -657,8 +688,10 @@ XLA_FFI_DEFINE_HANDLER(
 XLA_FFI_DEFINE_HANDLER(
     JscCpuSortKeys, SortKeys,
     ffi::Ffi::Bind()
+        .Arg<ffi::Buffer<ffi::U32>>()    // top: (..., N) leading key words (cloud index)
         .Arg<ffi::Buffer<ffi::U32>>()    // hi: (..., N) high key words
         .Arg<ffi::Buffer<ffi::U32>>()    // lo: (..., N) low key words
+        .Ret<ffi::Buffer<ffi::U32>>()    // top_out: (..., N) top, sorted
         .Ret<ffi::Buffer<ffi::U32>>()    // hi_out: (..., N) hi, sorted
         .Ret<ffi::Buffer<ffi::U32>>()    // lo_out: (..., N) lo, sorted
         .Ret<ffi::Buffer<ffi::S32>>());  // perm: (..., N) positions, sorted

@@ -152,15 +152,34 @@ def cpu_weight_grad(x, ct, nbr):
                x, ct, nbr.astype(jnp.int32))
 
 
+def cpu_grouped_gather_matmul(x, w, nbr):
+  """float32 grouped ``y[m] = sum_s x[nbr[m, s]] @ w[s]`` (``w`` ``(S, Cin // G, Cout)``)."""
+  return _call("jsc_cpu_grouped_gather_matmul", [((nbr.shape[0], w.shape[2]), jnp.float32)],
+               x, w, nbr.astype(jnp.int32))
+
+
+def cpu_grouped_weight_grad(x, ct, nbr, groups):
+  """float32 grouped weight gradient ``(S, Cin // G, Cout)``."""
+  return _call("jsc_cpu_grouped_weight_grad",
+               [((nbr.shape[1], x.shape[1] // groups, ct.shape[1]), jnp.float32)],
+               x, ct, nbr.astype(jnp.int32))
+
+
 # ------------------------------------------------------------------ search (native CPU)
 # Leading batch axes are handled by the kernels (``vmap_method="broadcast_all"``).
 
 
-def cpu_sort_keys(hi, lo):
-  """``(hi, lo, perm)`` sorted by ``(hi, lo, position)`` (native CPU radix sort)."""
-  return _call("jsc_cpu_sort_keys",
-               [(hi.shape, jnp.uint32), (hi.shape, jnp.uint32), (hi.shape, jnp.int32)],
-               hi.astype(jnp.uint32), lo.astype(jnp.uint32), vmap_method="broadcast_all")
+def cpu_sort_keys(*words):
+  """``(*words, perm)`` sorted by ``(*words, position)``: two or three uint32 key words,
+  most significant first (native CPU radix sort)."""
+  if len(words) not in (2, 3):
+    raise ValueError(f"cpu_sort_keys takes 2 or 3 key words, got {len(words)}")
+  shape = words[0].shape
+  given = [w.astype(jnp.uint32) for w in words]
+  top = given.pop(0) if len(given) == 3 else jnp.zeros(shape, jnp.uint32)
+  out = _call("jsc_cpu_sort_keys", [(shape, jnp.uint32)] * 3 + [(shape, jnp.int32)], top,
+              *given, vmap_method="broadcast_all")
+  return tuple(out) if len(words) == 3 else tuple(out[1:])
 
 
 def cpu_neighbors(in_coords, in_batch, in_mask, out_coords, out_batch, out_mask, deltas):

@@ -133,12 +133,11 @@ def _zero_cotangents(a, b):
 def _dispatch(jnp_impl, cuda_impl, cpu_impl, a, b, nbr, dtype, chosen, groups):
   """``backend.dispatch`` of one primitive's three implementations over ``(a, b, nbr)``
   under the backend the primitive was bound with; the native CPU kernels are float32 only;
-  grouped convs run as jnp on every platform."""
-  if groups != 1:
-    return jnp_impl(a, b, nbr)
+  grouped convs have native CPU kernels (``cpu_impl`` is then the grouped one) and run as
+  jnp elsewhere."""
   f32 = _is_f32(a.dtype, b.dtype, dtype)
-  return backend.dispatch(jnp_impl, cuda_impl, a, b, nbr, cpu_fn=cpu_impl if f32 else None,
-                          backend=chosen)
+  return backend.dispatch(jnp_impl, cuda_impl if groups == 1 else None, a, b, nbr,
+                          cpu_fn=cpu_impl if f32 else None, backend=chosen)
 
 
 def _register(prim, lowered, abstract_eval, static_names):
@@ -205,10 +204,11 @@ def _gm_abstract_eval(x, w, nbr, inv, unique, *, out_dtype, backend_name):
 
 def _gm_lowered(x, w, nbr, inv, unique, *, out_dtype, backend_name):
   del inv, unique  # for the transpose rules only
+  groups = num_groups(x.shape[1], w)
   return _dispatch(functools.partial(gather_matmul_jnp, out_dtype=out_dtype),
                    functools.partial(ffi.gather_matmul, out_dtype=out_dtype),
-                   ffi.cpu_gather_matmul, x, w, nbr, out_dtype, backend_name,
-                   num_groups(x.shape[1], w))
+                   ffi.cpu_gather_matmul if groups == 1 else ffi.cpu_grouped_gather_matmul,
+                   x, w, nbr, out_dtype, backend_name, groups)
 
 
 def _gm_jvp_x(dx, x, w, nbr, inv, unique, *, out_dtype, backend_name):
@@ -322,7 +322,9 @@ def _kg_lowered(x, ct, nbr, inv, unique, *, w_dtype, backend_name, groups):
   del inv, unique  # for the transpose rules only
   return _dispatch(functools.partial(weight_grad_jnp, w_dtype=w_dtype, groups=groups),
                    functools.partial(ffi.weight_grad, w_dtype=w_dtype),
-                   ffi.cpu_weight_grad, x, ct, nbr, w_dtype, backend_name, groups)
+                   ffi.cpu_weight_grad if groups == 1 else
+                   functools.partial(ffi.cpu_grouped_weight_grad, groups=groups),
+                   x, ct, nbr, w_dtype, backend_name, groups)
 
 
 def _kg_jvp_x(dx, x, ct, nbr, inv, unique, *, w_dtype, backend_name, groups):

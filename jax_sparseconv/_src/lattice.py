@@ -104,15 +104,15 @@ def keys(coords, batch=None, mask=None):
 
 
 def sort_keys(words):
-  """``(*sorted words, perm)``: the native CPU radix sort for two-word keys on the CPU,
-  else ``lax.sort``. Equal keys (padding sentinels, duplicated points) may come out in
+  """``(*sorted words, perm)``: the native CPU radix sort (two or three words) on the
+  CPU, else ``lax.sort``. Equal keys (padding sentinels, duplicated points) may come out in
   another order on the two paths."""
   def by_lax(*words):
     iota = jnp.arange(words[0].shape[0], dtype=jnp.int32)
     return tuple(jax.lax.sort((*words, iota), num_keys=len(words)))
 
   return backend.dispatch(by_lax, None, *words,
-                          cpu_fn=ffi.cpu_sort_keys if len(words) == 2 else None)
+                          cpu_fn=ffi.cpu_sort_keys)
 
 
 def same_as_previous(sorted_words):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import jax_sparseconv as sc
 from jax_sparseconv._src import gather_matmul as gm
-from jax_sparseconv._src import backend, ffi
+from jax_sparseconv._src import backend, ffi, lattice
 from tests.helpers import lattice_cloud, rel_err, x64
 
 
@@ -38,4 +38,27 @@ def test_cpu_sort_keys_matches_numpy(rng, n):
     assert np.array_equal(np.asarray(out[2]), order)
     assert np.array_equal(np.asarray(out[0]), hi[order])
     assert np.array_equal(np.asarray(out[1]), lo[order])
+
+
+@pytest.mark.parametrize("n", [0, 5, 4000])
+def test_cpu_sort_keys_three_words_matches_numpy(rng, n):
+  """Packed batches sort by (cloud, hi, lo): the leading word's passes, stability, and a
+  constant leading word (skipped passes)."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the native CPU kernels run on the CPU")
+  lo = rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)
+  hi = rng.integers(0, 4, n).astype(np.uint32)  # many equal hi words
+  for top in (rng.integers(0, 70000, n).astype(np.uint32), np.zeros(n, np.uint32),
+              np.full(n, 0xFFFFFFFF, np.uint32)):
+    if n > 10:
+      top[3], hi[3], lo[3] = top[4], hi[4], lo[4]  # a duplicated key keeps its order
+    order = np.lexsort((np.arange(n), lo, hi, top))
+    out = ffi.cpu_sort_keys(jnp.asarray(top), jnp.asarray(hi), jnp.asarray(lo))
+    assert len(out) == 4
+    for got, want in zip(out, (top[order], hi[order], lo[order], order)):
+      assert np.array_equal(np.asarray(got), want)
+    with sc.kernel_backend("jnp"):
+      by_lax = lattice.sort_keys([jnp.asarray(top), jnp.asarray(hi), jnp.asarray(lo)])
+    for got, want in zip(by_lax, out):
+      assert np.array_equal(np.asarray(got), np.asarray(want))
 

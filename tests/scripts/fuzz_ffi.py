@@ -222,24 +222,27 @@ def conv_random(seed, iterations):
 # ---------------------------------------------------------------- the search handlers
 def search_cases():
   rng = np.random.default_rng(2)
-  # sort_keys
+  # sort_keys: (top, hi, lo) -> (top, hi, lo, perm)
+  top = jnp.asarray(rng.integers(0, 3, 9).astype(np.uint32))
   hi = jnp.asarray(rng.integers(0, 2**32, 9, dtype=np.uint64).astype(np.uint32))
   lo = jnp.asarray(rng.integers(0, 2**32, 9, dtype=np.uint64).astype(np.uint32))
-  key = np.asarray(hi).astype(np.uint64) << np.uint64(32) | np.asarray(lo).astype(np.uint64)
-  order = np.argsort(key, kind="stable")
-  good = [((9,), U32), ((9,), U32), ((9,), I32)]
+  order = np.lexsort((np.arange(9), np.asarray(lo), np.asarray(hi), np.asarray(top)))
+  good = [((9,), U32)] * 3 + [((9,), I32)]
   expect_ok("sort well formed", "jsc_cpu_sort_keys", good,
-            [np.asarray(hi)[order], np.asarray(lo)[order], order], hi, lo)
-  expect_ok("sort empty", "jsc_cpu_sort_keys", [((0,), U32)] * 2 + [((0,), I32)],
-            [None] * 3, hi[:0], lo[:0])
-  expect_ok("sort batch axis 0", "jsc_cpu_sort_keys", [((0, 4), U32)] * 2 + [((0, 4), I32)],
-            [None] * 3, jnp.zeros((0, 4), U32), jnp.zeros((0, 4), U32))
+            [np.asarray(top)[order], np.asarray(hi)[order], np.asarray(lo)[order], order],
+            top, hi, lo)
+  expect_ok("sort empty", "jsc_cpu_sort_keys", [((0,), U32)] * 3 + [((0,), I32)],
+            [None] * 4, top[:0], hi[:0], lo[:0])
+  expect_ok("sort batch axis 0", "jsc_cpu_sort_keys", [((0, 4), U32)] * 3 + [((0, 4), I32)],
+            [None] * 4, *[jnp.zeros((0, 4), U32)] * 3)
   for name, args, res in [
-      ("lo length", (hi, lo[:8]), good), ("hi rank 0", (hi[0], lo), good),
-      ("perm length", (hi, lo), good[:2] + [((8,), I32)]),
-      ("perm dtype", (hi, lo), good[:2] + [((9,), U32)]),
-      ("hi_out batch axis", (hi, lo), [((1, 9), U32)] + good[1:]),
-      ("hi int32", (hi.astype(I32), lo), good), ("lo float", (hi, lo.astype(F32)), good),
+      ("lo length", (top, hi, lo[:8]), good), ("top length", (top[:8], hi, lo), good),
+      ("hi rank 0", (top, hi[0], lo), good),
+      ("perm length", (top, hi, lo), good[:3] + [((8,), I32)]),
+      ("perm dtype", (top, hi, lo), good[:3] + [((9,), U32)]),
+      ("hi_out batch axis", (top, hi, lo), good[:1] + [((1, 9), U32)] + good[2:]),
+      ("hi int32", (top, hi.astype(I32), lo), good), ("lo float", (top, hi, lo.astype(F32)), good),
+      ("top int32", (top.astype(I32), hi, lo), good),
   ]:
     expect_error(f"sort {name}", "jsc_cpu_sort_keys", res, *args)
 
