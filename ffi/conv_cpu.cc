@@ -18,6 +18,7 @@
 // results do not depend on the thread count (bitwise reproducible).
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <utility>
@@ -32,6 +33,17 @@ namespace {
 
 constexpr int kTileRows = 64;
 constexpr int kGroupRows = 6;  // rows a forward micro-kernel call updates together
+
+// AVX-512 (with AVX2): the 512-bit micro-kernels; $JAX_SPARSECONV_NO_AVX512 set: AVX2 only.
+inline bool has_avx512() {
+#ifdef JSC_X86
+  static const bool yes = __builtin_cpu_supports("avx512f") &&
+                          std::getenv("JAX_SPARSECONV_NO_AVX512") == nullptr;
+  return yes;
+#else
+  return false;
+#endif
+}
 
 // Same sums, plain C++ (no AVX2, or the last cout % 8 columns): acc[0, cols) += xr[0, cin)
 // @ ws[0, cin) x [0, cols) (row stride cout).
@@ -85,12 +97,62 @@ __attribute__((target("avx2,fma"))) void group_rows_avx2(float* const* yr,
   if (c < cout)
     for (int a = 0; a < R; ++a) row_update_scalar(yr[a] + c, xr[a], ws + c, cin, cout, cout - c);
 }
+
+// The same micro-kernel on 512-bit registers (AVX-512: 32 of them, so R x 64 columns fit):
+// the same FMAs on the same elements in the same order, so the same bits as AVX2.
+template <int R, int V>
+__attribute__((target("avx512f,avx2,fma"))) inline void group_block_avx512(
+    float* const* yr, const float* const* xr, const float* ws, int cin, int cout, int c0) {
+  __m512 acc[R][V];
+  JSC_UNROLL for (int a = 0; a < R; ++a)
+    JSC_UNROLL for (int v = 0; v < V; ++v) acc[a][v] = _mm512_loadu_ps(yr[a] + c0 + 16 * v);
+  const float* wk = ws + c0;
+  for (int k = 0; k < cin; ++k, wk += cout) {
+    __m512 wv[V];
+    JSC_UNROLL for (int v = 0; v < V; ++v) wv[v] = _mm512_loadu_ps(wk + 16 * v);
+    JSC_UNROLL for (int a = 0; a < R; ++a) {
+      const __m512 b = _mm512_set1_ps(xr[a][k]);
+      JSC_UNROLL for (int v = 0; v < V; ++v)
+        acc[a][v] = _mm512_fmadd_ps(b, wv[v], acc[a][v]);
+    }
+  }
+  JSC_UNROLL for (int a = 0; a < R; ++a)
+    JSC_UNROLL for (int v = 0; v < V; ++v) _mm512_storeu_ps(yr[a] + c0 + 16 * v, acc[a][v]);
+}
+
+// R rows, every column: 64-column blocks, then 16, then AVX2's 8 and the scalar tail.
+template <int R>
+__attribute__((target("avx512f,avx2,fma"))) void group_rows_avx512(float* const* yr,
+                                                                   const float* const* xr,
+                                                                   const float* ws, int cin,
+                                                                   int cout) {
+  int c = 0;
+  for (; c + 64 <= cout; c += 64) group_block_avx512<R, 4>(yr, xr, ws, cin, cout, c);
+  for (; c + 16 <= cout; c += 16) group_block_avx512<R, 1>(yr, xr, ws, cin, cout, c);
+  for (; c + 8 <= cout; c += 8) group_block_avx2<R, 1>(yr, xr, ws, cin, cout, c);
+  if (c < cout)
+    for (int a = 0; a < R; ++a) row_update_scalar(yr[a] + c, xr[a], ws + c, cin, cout, cout - c);
+}
 #endif
 
 // yr[a][0, cout) += xr[a][0, cin) @ ws for a < count: kGroupRows rows at a time.
 void group_update(float* const* yr, const float* const* xr, int count, const float* ws, int cin,
                   int cout, bool avx2) {
 #ifdef JSC_X86
+  if (avx2 && has_avx512()) {
+    int a = 0;
+    for (; a + kGroupRows <= count; a += kGroupRows)
+      group_rows_avx512<kGroupRows>(yr + a, xr + a, ws, cin, cout);
+    switch (count - a) {
+      case 5: group_rows_avx512<5>(yr + a, xr + a, ws, cin, cout); break;
+      case 4: group_rows_avx512<4>(yr + a, xr + a, ws, cin, cout); break;
+      case 3: group_rows_avx512<3>(yr + a, xr + a, ws, cin, cout); break;
+      case 2: group_rows_avx512<2>(yr + a, xr + a, ws, cin, cout); break;
+      case 1: group_rows_avx512<1>(yr + a, xr + a, ws, cin, cout); break;
+      default: break;
+    }
+    return;
+  }
   if (avx2) {
     int a = 0;
     for (; a + kGroupRows <= count; a += kGroupRows)

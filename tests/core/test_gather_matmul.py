@@ -199,20 +199,24 @@ np.savez(sys.argv[2], y=ffi.cpu_gather_matmul(x, w, nbr), dw=ffi.cpu_weight_grad
 
 
 
-def test_cpu_kernels_do_not_depend_on_the_thread_count(rng, tmp_path):
-  """Bitwise the same with every thread available and with JAX_SPARSECONV_CPU_THREADS=1."""
+@pytest.mark.parametrize("env", [{"JAX_SPARSECONV_CPU_THREADS": "1"},
+                                 {"JAX_SPARSECONV_NO_AVX512": "1"}], ids=["one thread", "avx2"])
+def test_cpu_kernels_do_not_depend_on_the_thread_count(rng, tmp_path, env):
+  """Bitwise the same with every thread available and with JAX_SPARSECONV_CPU_THREADS=1,
+  and with the AVX-512 micro-kernels and without (JAX_SPARSECONV_NO_AVX512: AVX2 only;
+  Cout = 92 takes the 64-, 16- and 8-column blocks and a scalar tail of 4)."""
   if jax.default_backend() != "cpu":
     pytest.skip("the native CPU kernels run on the CPU")
   import subprocess
   import sys
-  n, m, s, cin, cout = 3000, 3000, 27, 16, 24
+  n, m, s, cin, cout = 3000, 3000, 27, 16, 92
   x, w = _inputs(rng, "float32", n, m, s, cin, cout)
   ct = rng.standard_normal((m, cout)).astype(np.float32)
   nbr = random_map(rng, n, m, s)
   np.savez(tmp_path / "in.npz", x=x, w=w, ct=ct, nbr=nbr)
   subprocess.run([sys.executable, "-c", _ONE_THREAD, str(tmp_path / "in.npz"),
                   str(tmp_path / "out.npz")], check=True,
-                 env={**os.environ, "JAX_SPARSECONV_CPU_THREADS": "1"})
+                 env={**os.environ, **env})
   one = np.load(tmp_path / "out.npz")
   y = ffi.cpu_gather_matmul(jnp.asarray(x), jnp.asarray(w), jnp.asarray(nbr))
   dw = ffi.cpu_weight_grad(jnp.asarray(x), jnp.asarray(ct), jnp.asarray(nbr))
