@@ -303,12 +303,68 @@ __attribute__((target("avx2,fma"))) void outer_rows_avx2(float* dw, const float*
     outer_block_scalar(d + c, xs, gs, pairs, R, cout - c, cout);
   }
 }
+// The same on 512-bit registers (an R x (16 V) block; the same bits as AVX2).
+template <int R, int V>
+__attribute__((target("avx512f,avx2,fma"))) inline void outer_block_avx512(
+    float* dw, const float* const* xr, const float* const* gr, int pairs, int i0, int c0,
+    int cout) {
+  __m512 acc[R][V];
+  JSC_UNROLL for (int a = 0; a < R; ++a)
+    JSC_UNROLL for (int v = 0; v < V; ++v)
+      acc[a][v] = _mm512_loadu_ps(dw + int64_t(a) * cout + 16 * v);
+  for (int k = 0; k < pairs; ++k) {
+    const float* g = gr[k] + c0;
+    const float* xk = xr[k] + i0;
+    __m512 gv[V];
+    JSC_UNROLL for (int v = 0; v < V; ++v) gv[v] = _mm512_loadu_ps(g + 16 * v);
+    JSC_UNROLL for (int a = 0; a < R; ++a) {
+      const __m512 b = _mm512_set1_ps(xk[a]);
+      JSC_UNROLL for (int v = 0; v < V; ++v)
+        acc[a][v] = _mm512_fmadd_ps(b, gv[v], acc[a][v]);
+    }
+  }
+  JSC_UNROLL for (int a = 0; a < R; ++a)
+    JSC_UNROLL for (int v = 0; v < V; ++v)
+      _mm512_storeu_ps(dw + int64_t(a) * cout + 16 * v, acc[a][v]);
+}
+
+// Rows [i0, i0 + R) of dw: 64-column blocks, then 16, then AVX2's 8 and the scalar tail.
+template <int R>
+__attribute__((target("avx512f,avx2,fma"))) void outer_rows_avx512(float* dw,
+                                                                   const float* const* xr,
+                                                                   const float* const* gr,
+                                                                   int pairs, int i0, int cout) {
+  float* d = dw + int64_t(i0) * cout;
+  int c = 0;
+  for (; c + 64 <= cout; c += 64) outer_block_avx512<R, 4>(d + c, xr, gr, pairs, i0, c, cout);
+  for (; c + 16 <= cout; c += 16) outer_block_avx512<R, 1>(d + c, xr, gr, pairs, i0, c, cout);
+  for (; c + 8 <= cout; c += 8) outer_block_avx2<R, 1>(d + c, xr, gr, pairs, i0, c, cout);
+  if (c < cout) {
+    const float* xs[kPairs];
+    const float* gs[kPairs];
+    for (int k = 0; k < pairs; ++k) xs[k] = xr[k] + i0, gs[k] = gr[k] + c;
+    outer_block_scalar(d + c, xs, gs, pairs, R, cout - c, cout);
+  }
+}
 #endif
 
 // dw (cin x cout) += sum_k x_k^T g_k over `pairs` (<= kPairs) pairs of rows.
 void outer_accumulate(float* dw, const float* const* xr, const float* const* gr, int pairs,
                       int cin, int cout, bool avx2) {
 #ifdef JSC_X86
+  if (avx2 && has_avx512()) {
+    int i = 0;
+    for (; i + 6 <= cin; i += 6) outer_rows_avx512<6>(dw, xr, gr, pairs, i, cout);
+    switch (cin - i) {
+      case 5: outer_rows_avx512<5>(dw, xr, gr, pairs, i, cout); break;
+      case 4: outer_rows_avx512<4>(dw, xr, gr, pairs, i, cout); break;
+      case 3: outer_rows_avx512<3>(dw, xr, gr, pairs, i, cout); break;
+      case 2: outer_rows_avx512<2>(dw, xr, gr, pairs, i, cout); break;
+      case 1: outer_rows_avx512<1>(dw, xr, gr, pairs, i, cout); break;
+      default: break;
+    }
+    return;
+  }
   if (avx2) {
     int i = 0;
     for (; i + 6 <= cin; i += 6) outer_rows_avx2<6>(dw, xr, gr, pairs, i, cout);
