@@ -44,22 +44,18 @@ def _per_input(geometry: Geometry) -> int:
 
 
 def _candidates(coords, mask, geometry: Geometry):
-  """``(cand (n, C, 3), ok (n, C), slot (n, C))``: each input's candidate outputs."""
+  """``(cand (n, C, 3), ok (n, C))``: each input's candidate outputs."""
   s = np.asarray(geometry.stride, np.int32)
   p = np.asarray(geometry.padding, np.int32)
   d = np.asarray(geometry.dilation, np.int32)
   shape = geometry.out_shape()
-  n = coords.shape[0]
-  kx, ky, _ = geometry.kernel_size
   if geometry.rule == "floor":
     cand = jnp.floor_divide(coords, s)[:, None, :]
     ok = mask[:, None]
-    slot = jnp.zeros((n, 1), jnp.int32)
   elif geometry.rule == "transpose":
     deltas = geometry.deltas()  # (S, 3): o = i*s + (k*d - p)
     cand = coords[:, None, :] * s + deltas[None]
-    ok = jnp.broadcast_to(mask[:, None], cand.shape[:2])
-    slot = jnp.broadcast_to(jnp.arange(len(deltas), dtype=jnp.int32), cand.shape[:2])
+    ok = jnp.broadcast_to(mask[:, None], cand.shape[:2])  # candidate c is slot c
   else:  # "conv": o = (i + p - k*d) / s for the k of i's residue
     tables = geometry.candidates()
     per_axis = []
@@ -71,10 +67,9 @@ def _candidates(coords, mask, geometry: Geometry):
     cand = jnp.stack([jnp.stack([per_axis[a][1][:, c[a]] for c in combos], 1)
                       for a in range(3)], -1)
     ok = mask[:, None] & (kk[0] >= 0) & (kk[1] >= 0) & (kk[2] >= 0)
-    slot = (kk[2] * ky + kk[1]) * kx + kk[0]
   if shape is not None:  # the grid [0, out_shape) (spconv); without one, no clip
     ok = ok & jnp.all((cand >= 0) & (cand < np.asarray(shape, np.int32)), axis=-1)
-  return cand, ok, slot.astype(jnp.int32)
+  return cand, ok
 
 
 @functools.partial(jax.jit, static_argnames=("geometry", "capacity"))
@@ -96,7 +91,7 @@ def generate(coords, mask, batch, *, geometry: Geometry, capacity: int):
     ``CAPACITY_OVERFLOW``).
   """
   n = coords.shape[0]
-  cand, ok, slot = _candidates(coords, mask, geometry)
+  cand, ok = _candidates(coords, mask, geometry)
   c = cand.shape[1]
   flat, flat_ok = cand.reshape(n * c, 3), ok.reshape(n * c)
   flat_b = None if batch is None else jnp.repeat(batch, c)
@@ -117,10 +112,29 @@ def generate(coords, mask, batch, *, geometry: Geometry, capacity: int):
                                                            mode="drop")
   owner = jnp.zeros((n * c,), jnp.int32).at[perm].set(seg, unique_indices=True)
   owner = owner.reshape(n, c)
-  if geometry.rule == "floor":
-    inverse = owner
-  else:
-    rows = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, c))
-    inverse = jnp.full((n, geometry.num_slots), capacity, jnp.int32).at[
-        jnp.where(ok, rows, n), slot].set(owner, mode="drop")
+  inverse = owner if geometry.rule == "floor" else _by_slot(owner, coords, geometry, capacity)
   return out, jnp.minimum(count, capacity), out_b, inverse, flags
+
+
+def _by_slot(owner, coords, geometry: Geometry, capacity: int):
+  """``inverse (n, S)`` from ``owner (n, C)`` (the output of each candidate, ``capacity``
+  where none), by a gather: which candidate feeds slot ``k`` is static per residue."""
+  n = owner.shape[0]
+  if geometry.rule == "transpose":  # candidate c is slot c
+    return owner
+  tables = geometry.candidates()
+  pos = []  # per axis (n, K_a): the candidate column of offset k_a, -1 = none
+  for a, table in enumerate(tables):
+    col = np.full((table.shape[0], geometry.kernel_size[a]), -1, np.int32)
+    for r, ks in enumerate(table):
+      for ci, k in enumerate(ks):
+        if k >= 0:
+          col[r, k] = ci
+    pos.append(jnp.asarray(col)[jnp.mod(coords[:, a], geometry.stride[a])])
+  widths = [t.shape[1] for t in tables]
+  # Slots in kernel order (axis 0 fastest): (n, K2, K1, K0); candidates axis 2 fastest.
+  c0, c1, c2 = pos[0][:, None, None, :], pos[1][:, None, :, None], pos[2][:, :, None, None]
+  valid = ((c0 >= 0) & (c1 >= 0) & (c2 >= 0)).reshape(n, -1)
+  cidx = ((c0 * widths[1] + c1) * widths[2] + c2).reshape(n, -1)
+  got = jnp.take_along_axis(owner, jnp.where(valid, cidx, 0), axis=1)
+  return jnp.where(valid, got, capacity)
