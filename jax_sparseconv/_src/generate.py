@@ -134,7 +134,8 @@ def _by_slot(owner, coords, geometry: Geometry, capacity: int):
   widths = [t.shape[1] for t in tables]
   # Slots in kernel order (axis 0 fastest): (n, K2, K1, K0); candidates axis 2 fastest.
   c0, c1, c2 = pos[0][:, None, None, :], pos[1][:, None, :, None], pos[2][:, :, None, None]
-  valid = ((c0 >= 0) & (c1 >= 0) & (c2 >= 0)).reshape(n, -1)
-  cidx = ((c0 * widths[1] + c1) * widths[2] + c2).reshape(n, -1)
+  slots = geometry.num_slots
+  valid = ((c0 >= 0) & (c1 >= 0) & (c2 >= 0)).reshape(n, slots)
+  cidx = ((c0 * widths[1] + c1) * widths[2] + c2).reshape(n, slots)
   got = jnp.take_along_axis(owner, jnp.where(valid, cidx, 0), axis=1)
   return jnp.where(valid, got, capacity)
