@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -136,35 +137,36 @@ __attribute__((target("avx512f,avx2,fma"))) void group_rows_avx512(float* const*
 #endif
 
 // yr[a][0, cout) += xr[a][0, cin) @ ws for a < count: kGroupRows rows at a time.
+// f(R, a) over [0, count) in blocks of R = 6 rows starting at a, then one block of the
+// rest (R a compile-time constant: std::integral_constant).
+template <class F>
+inline void in_blocks_of_six(int count, const F& f) {
+  int a = 0;
+  for (; a + 6 <= count; a += 6) f(std::integral_constant<int, 6>{}, a);
+  switch (count - a) {
+    case 5: f(std::integral_constant<int, 5>{}, a); break;
+    case 4: f(std::integral_constant<int, 4>{}, a); break;
+    case 3: f(std::integral_constant<int, 3>{}, a); break;
+    case 2: f(std::integral_constant<int, 2>{}, a); break;
+    case 1: f(std::integral_constant<int, 1>{}, a); break;
+    default: break;
+  }
+}
+
 void group_update(float* const* yr, const float* const* xr, int count, const float* ws, int cin,
                   int cout, bool avx2) {
+  static_assert(kGroupRows == 6, "in_blocks_of_six takes six rows a block");
 #ifdef JSC_X86
   if (avx2 && has_avx512()) {
-    int a = 0;
-    for (; a + kGroupRows <= count; a += kGroupRows)
-      group_rows_avx512<kGroupRows>(yr + a, xr + a, ws, cin, cout);
-    switch (count - a) {
-      case 5: group_rows_avx512<5>(yr + a, xr + a, ws, cin, cout); break;
-      case 4: group_rows_avx512<4>(yr + a, xr + a, ws, cin, cout); break;
-      case 3: group_rows_avx512<3>(yr + a, xr + a, ws, cin, cout); break;
-      case 2: group_rows_avx512<2>(yr + a, xr + a, ws, cin, cout); break;
-      case 1: group_rows_avx512<1>(yr + a, xr + a, ws, cin, cout); break;
-      default: break;
-    }
+    in_blocks_of_six(count, [&](auto r, int a) {
+      group_rows_avx512<decltype(r)::value>(yr + a, xr + a, ws, cin, cout);
+    });
     return;
   }
   if (avx2) {
-    int a = 0;
-    for (; a + kGroupRows <= count; a += kGroupRows)
-      group_rows_avx2<kGroupRows>(yr + a, xr + a, ws, cin, cout);
-    switch (count - a) {
-      case 5: group_rows_avx2<5>(yr + a, xr + a, ws, cin, cout); break;
-      case 4: group_rows_avx2<4>(yr + a, xr + a, ws, cin, cout); break;
-      case 3: group_rows_avx2<3>(yr + a, xr + a, ws, cin, cout); break;
-      case 2: group_rows_avx2<2>(yr + a, xr + a, ws, cin, cout); break;
-      case 1: group_rows_avx2<1>(yr + a, xr + a, ws, cin, cout); break;
-      default: break;
-    }
+    in_blocks_of_six(count, [&](auto r, int a) {
+      group_rows_avx2<decltype(r)::value>(yr + a, xr + a, ws, cin, cout);
+    });
     return;
   }
 #endif
@@ -353,29 +355,15 @@ void outer_accumulate(float* dw, const float* const* xr, const float* const* gr,
                       int cin, int cout, bool avx2) {
 #ifdef JSC_X86
   if (avx2 && has_avx512()) {
-    int i = 0;
-    for (; i + 6 <= cin; i += 6) outer_rows_avx512<6>(dw, xr, gr, pairs, i, cout);
-    switch (cin - i) {
-      case 5: outer_rows_avx512<5>(dw, xr, gr, pairs, i, cout); break;
-      case 4: outer_rows_avx512<4>(dw, xr, gr, pairs, i, cout); break;
-      case 3: outer_rows_avx512<3>(dw, xr, gr, pairs, i, cout); break;
-      case 2: outer_rows_avx512<2>(dw, xr, gr, pairs, i, cout); break;
-      case 1: outer_rows_avx512<1>(dw, xr, gr, pairs, i, cout); break;
-      default: break;
-    }
+    in_blocks_of_six(cin, [&](auto r, int i) {
+      outer_rows_avx512<decltype(r)::value>(dw, xr, gr, pairs, i, cout);
+    });
     return;
   }
   if (avx2) {
-    int i = 0;
-    for (; i + 6 <= cin; i += 6) outer_rows_avx2<6>(dw, xr, gr, pairs, i, cout);
-    switch (cin - i) {
-      case 5: outer_rows_avx2<5>(dw, xr, gr, pairs, i, cout); break;
-      case 4: outer_rows_avx2<4>(dw, xr, gr, pairs, i, cout); break;
-      case 3: outer_rows_avx2<3>(dw, xr, gr, pairs, i, cout); break;
-      case 2: outer_rows_avx2<2>(dw, xr, gr, pairs, i, cout); break;
-      case 1: outer_rows_avx2<1>(dw, xr, gr, pairs, i, cout); break;
-      default: break;
-    }
+    in_blocks_of_six(cin, [&](auto r, int i) {
+      outer_rows_avx2<decltype(r)::value>(dw, xr, gr, pairs, i, cout);
+    });
     return;
   }
 #endif
