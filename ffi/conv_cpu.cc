@@ -32,7 +32,11 @@
 namespace jsc {
 namespace {
 
-constexpr int kTileRows = 64;
+// Output rows a forward tile: 256 rather than 64, because the generated convs' maps are
+// sparse (2-3 pairs an output row over 27 slots): at 64 rows a tile most (tile, slot)
+// groups hold fewer than six rows and the micro-kernel runs on one to three rows (1.2-1.3x
+// slower on those maps; no change on dense ones). The rows' sums are the same either way.
+constexpr int kTileRows = 256;
 constexpr int kGroupRows = 6;  // rows a forward micro-kernel call updates together
 
 // AVX-512 (with AVX2): the 512-bit micro-kernels; $JAX_SPARSECONV_NO_AVX512 set: AVX2 only.
@@ -60,6 +64,10 @@ inline void row_update_scalar(float* acc, const float* xr, const float* ws, int 
 // The loops over registers below carry `unroll` pragmas: without them GCC keeps some of
 // the accumulator arrays in memory, storing them at every step (1.6x slower).
 #define JSC_UNROLL _Pragma("GCC unroll 16")
+// Keeps a loaded vector in a register: for fewer than four rows GCC otherwise folds the
+// weight loads into the FMAs, loading each weight vector once per row (R times instead of
+// once), and the small-R calls become load-bound at about half the FMA rate.
+#define JSC_IN_REGISTER(v) asm("" : "+x"(v))
 
 #ifdef JSC_X86
 // The forward micro-kernel: rows yr[0, R), columns [c0, c0 + 8 V) += xr[0, R) @ ws (cin x
@@ -76,7 +84,10 @@ __attribute__((target("avx2,fma"))) inline void group_block_avx2(float* const* y
   const float* wk = ws + c0;
   for (int k = 0; k < cin; ++k, wk += cout) {
     __m256 wv[V];
-    JSC_UNROLL for (int v = 0; v < V; ++v) wv[v] = _mm256_loadu_ps(wk + 8 * v);
+    JSC_UNROLL for (int v = 0; v < V; ++v) {
+      wv[v] = _mm256_loadu_ps(wk + 8 * v);
+      JSC_IN_REGISTER(wv[v]);
+    }
     JSC_UNROLL for (int a = 0; a < R; ++a) {
       const __m256 b = _mm256_broadcast_ss(xr[a] + k);
       JSC_UNROLL for (int v = 0; v < V; ++v)
@@ -110,7 +121,10 @@ __attribute__((target("avx512f,avx2,fma"))) inline void group_block_avx512(
   const float* wk = ws + c0;
   for (int k = 0; k < cin; ++k, wk += cout) {
     __m512 wv[V];
-    JSC_UNROLL for (int v = 0; v < V; ++v) wv[v] = _mm512_loadu_ps(wk + 16 * v);
+    JSC_UNROLL for (int v = 0; v < V; ++v) {
+      wv[v] = _mm512_loadu_ps(wk + 16 * v);
+      JSC_IN_REGISTER(wv[v]);
+    }
     JSC_UNROLL for (int a = 0; a < R; ++a) {
       const __m512 b = _mm512_set1_ps(xr[a][k]);
       JSC_UNROLL for (int v = 0; v < V; ++v)
@@ -229,9 +243,10 @@ ffi::Error GatherMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   const Problem p{x.typed_data(), w.typed_data(), nbr.typed_data(), y->typed_data(),
                   sh.n, sh.m, int(sh.s), int(sh.cin), int(sh.cout)};
   if (p.m == 0 || p.cout == 0) return ffi::Error::Success();
+  advise_huge_pages(p.out, p.m * p.cout * int64_t(sizeof(float)));
   const bool avx2 = has_avx2();
-  // Blocks of 16 tiles, taken by the threads as they come free.
-  parallel_blocks(num_threads(p.m, p.m), p.m, 16 * kTileRows,
+  // Blocks of 4 tiles, taken by the threads as they come free.
+  parallel_blocks(num_threads(p.m, p.m), p.m, 4 * kTileRows,
                   [&](int64_t begin, int64_t end) { rows(p, begin, end, avx2); });
   return ffi::Error::Success();
 }
@@ -245,8 +260,9 @@ ffi::Error GatherMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 // (R rows of dw by V * 8 columns, accumulated in registers over the pairs, reading the x
 // and ct rows in place). Every dw element is a sequential sum over its pairs in row order
 // whatever the tiles and threads: results do not depend on the thread count.
-constexpr int kPairs = 32;
-constexpr int64_t kGradTileRows = 256;
+// (Sizes for sparse maps, as kTileRows: about 100 pairs per (tile, slot) at 2.6 pairs a row.)
+constexpr int kPairs = 64;
+constexpr int64_t kGradTileRows = 1024;
 
 // dw[0, r) x [0, cols) (row stride cout) += sum_k xr[k][0, r)^T gr[k][0, cols).
 inline void outer_block_scalar(float* dw, const float* const* xr, const float* const* gr,
@@ -579,6 +595,7 @@ ffi::Error GroupedGatherMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   }
   p.x = x.typed_data(), p.b = w.typed_data(), p.nbr = nbr.typed_data(), p.out = y->typed_data();
   if (p.m == 0 || p.cout == 0) return ffi::Error::Success();
+  advise_huge_pages(p.out, p.m * p.cout * int64_t(sizeof(float)));
   const bool avx2 = has_avx2();
   parallel_blocks(num_threads(p.m, p.m), p.m, 1024,
                   [&](int64_t begin, int64_t end) { grouped_rows(p, begin, end, avx2); });

@@ -11,6 +11,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define JSC_X86 1  // variants for AVX2 / popcnt, chosen at run time
@@ -57,6 +61,25 @@ template <class F>
 void parallel_rows(int threads, int64_t rows, const F& f) {
   const int64_t per = (rows + threads - 1) / threads;
   parallel(threads, [&](int t) { f(std::min(rows, t * per), std::min(rows, (t + 1) * per)); });
+}
+
+// A large output about to be written for the first time: asks the kernel for transparent
+// huge pages over the 2 MiB-aligned part of [p, p + bytes) (madvise(MADV_HUGEPAGE); where
+// THP is "madvise", the Linux default, a fresh buffer then faults in 2 MiB pages, not
+// 4 KiB ones: XLA hands out freshly mapped memory for large buffers on every call, and
+// at 4 KiB a page the faults cost more than the memory traffic). Only advice: nothing
+// changes when it is refused, and $JAX_SPARSECONV_NO_HUGEPAGES set turns it off.
+inline void advise_huge_pages(void* p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  static const bool off = std::getenv("JAX_SPARSECONV_NO_HUGEPAGES") != nullptr;
+  if (off || bytes < int64_t(4 * kHuge)) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t begin = (a + kHuge - 1) & ~(kHuge - 1), end = (a + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)p, (void)bytes;
+#endif
 }
 
 }  // namespace jsc
