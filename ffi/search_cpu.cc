@@ -183,6 +183,75 @@ bool sort_narrow(const uint32_t* t, const uint32_t* h, const uint32_t* l, int64_
   return true;
 }
 
+// Scratch of sort_one, reused across batch entries.
+struct SortScratch {
+  std::vector<uint64_t> key, key2;
+  std::vector<uint32_t> tw, tw2;
+  std::vector<int32_t> idx, idx2;
+  std::vector<int64_t> count;
+};
+
+// One batch entry of SortKeys: n keys (t, h, l) -> (to, ho, lw, pm).
+void sort_one(const uint32_t* t, const uint32_t* h, const uint32_t* l, int64_t n, uint32_t* to,
+              uint32_t* ho, uint32_t* lw, int32_t* pm, SortScratch& sc) {
+  std::vector<uint64_t>& key = sc.key;
+  std::vector<uint64_t>& key2 = sc.key2;
+  for (auto* v : {&key, &key2}) v->resize(size_t(n));
+  if (sort_narrow(t, h, l, n, to, ho, lw, pm, key, key2)) return;  // the packed sort
+  std::vector<uint32_t>& tw = sc.tw;
+  std::vector<uint32_t>& tw2 = sc.tw2;
+  std::vector<int32_t>& idx = sc.idx;
+  std::vector<int32_t>& idx2 = sc.idx2;
+  std::vector<int64_t>& count = sc.count;
+  for (auto* v : {&tw, &tw2}) v->resize(size_t(n));
+  for (auto* v : {&idx, &idx2}) v->resize(size_t(n));
+  count.resize(size_t(1) << 16);
+  uint64_t all_or = 0, all_and = ~uint64_t(0);
+  uint32_t top_or = 0, top_and = ~uint32_t(0);
+  for (int64_t i = 0; i < n; ++i) {
+    key[i] = (uint64_t(h[i]) << 32) | l[i];
+    tw[i] = t[i];
+    idx[i] = int32_t(i);
+    all_or |= key[i];
+    all_and &= key[i];
+    top_or |= t[i];
+    top_and &= t[i];
+  }
+  // Passes 0-3 on the 64-bit word, 4-5 on `top`.
+  for (int pass = 0; pass < 6; ++pass) {
+    const bool on_top = pass >= 4;
+    const int shift = 16 * (on_top ? pass - 4 : pass);
+    const uint64_t varies = on_top ? uint64_t(top_or ^ top_and) : (all_or ^ all_and);
+    if (((varies >> shift) & 0xffff) == 0) continue;  // one digit value: no-op
+    auto digit = [&](int64_t i) {
+      return on_top ? (tw[i] >> shift) & 0xffff : (key[i] >> shift) & 0xffff;
+    };
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t i = 0; i < n; ++i) ++count[digit(i)];
+    int64_t sum = 0;
+    for (auto& c : count) {
+      const int64_t v = c;
+      c = sum;
+      sum += v;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t at = count[digit(i)]++;
+      key2[at] = key[i];
+      tw2[at] = tw[i];
+      idx2[at] = idx[i];
+    }
+    key.swap(key2);
+    tw.swap(tw2);
+    idx.swap(idx2);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    to[i] = tw[i];
+    ho[i] = uint32_t(key[i] >> 32);
+    lw[i] = uint32_t(key[i]);
+    pm[i] = idx[i];
+  }
+}
+
 ffi::Error SortKeys(ffi::Buffer<ffi::U32> top, ffi::Buffer<ffi::U32> hi, ffi::Buffer<ffi::U32> lo,
                     ffi::Result<ffi::Buffer<ffi::U32>> top_out,
                     ffi::Result<ffi::Buffer<ffi::U32>> hi_out,
@@ -199,68 +268,174 @@ ffi::Error SortKeys(ffi::Buffer<ffi::U32> top, ffi::Buffer<ffi::U32> hi, ffi::Bu
   }
   if (!fits_int32(n)) return invalid("cpu_sort_keys: too many keys");
   const int64_t batch = product(lead);
-  std::vector<uint64_t> key(n), key2(n);
-  std::vector<uint32_t> tw, tw2;  // allocated when the general sort runs
-  std::vector<int32_t> idx, idx2;
-  std::vector<int64_t> count(1 << 16);
+  SortScratch scratch;
   for (int64_t b = 0; b < batch; ++b) {
-    const uint32_t* t = top.typed_data() + b * n;
-    const uint32_t* h = hi.typed_data() + b * n;
-    const uint32_t* l = lo.typed_data() + b * n;
-    if (sort_narrow(t, h, l, n, top_out->typed_data() + b * n, hi_out->typed_data() + b * n,
-                    lo_out->typed_data() + b * n, perm->typed_data() + b * n, key, key2)) {
-      continue;  // the packed sort (above) applied
+    sort_one(top.typed_data() + b * n, hi.typed_data() + b * n, lo.typed_data() + b * n, n,
+             top_out->typed_data() + b * n, hi_out->typed_data() + b * n,
+             lo_out->typed_data() + b * n, perm->typed_data() + b * n, scratch);
+  }
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------- generated output sets
+// The output set of a generating conv from its candidates (generate.py's jnp path, in one
+// pass): flat (..., K, 3) candidate coordinates, ok (..., K) which are real, batch (..., K)
+// their clouds -> out (..., cap, 3) the distinct candidates in key order (the Morton key
+// of the coordinates shifted so that each axis' smallest real one is 0, the cloud leading;
+// padding rows 0), out_batch (..., cap), owner (..., K) the output of each candidate (cap
+// where none or beyond the capacity), count (...) the outputs kept (at most cap) and
+// flags (...): OUT_OF_RANGE (a shifted coordinate reaches 2^20) | CAPACITY_OVERFLOW.
+// Only the real candidates are sorted (sort_one: ties in position order).
+constexpr int32_t kMaxCoord = 1 << 20;  // morton.MAX_COORD
+constexpr int32_t kOutOfRange = 4, kCapacityOverflow = 64;  // errors.ErrorCode
+
+inline uint32_t compact3(uint32_t v) {  // spread3's inverse
+  v &= 0x09249249;
+  v = (v ^ (v >> 2)) & 0x030C30C3;
+  v = (v ^ (v >> 4)) & 0x0300F00F;
+  v = (v ^ (v >> 8)) & 0x030000FF;
+  v = (v ^ (v >> 16)) & 0x000003FF;
+  return v;
+}
+
+inline uint32_t spread3(uint32_t v) {  // the low 10 bits of v, two zero bits between
+  v &= 0x3ff;
+  v = (v | (v << 16)) & 0x030000FF;
+  v = (v | (v << 8)) & 0x0300F00F;
+  v = (v | (v << 4)) & 0x030C30C3;
+  v = (v | (v << 2)) & 0x09249249;
+  return v;
+}
+
+ffi::Error UniqueOutputs(ffi::Buffer<ffi::S32> flat, ffi::Buffer<ffi::PRED> ok,
+                         ffi::Buffer<ffi::S32> batch, ffi::Result<ffi::Buffer<ffi::S32>> out,
+                         ffi::Result<ffi::Buffer<ffi::S32>> out_batch,
+                         ffi::Result<ffi::Buffer<ffi::S32>> owner,
+                         ffi::Result<ffi::Buffer<ffi::S32>> count,
+                         ffi::Result<ffi::Buffer<ffi::S32>> flags) {
+  const Dims lead = leading(flat.dimensions(), 2);
+  const int64_t k = dim(flat.dimensions(), -2), cap = dim(out->dimensions(), -2);
+  if (!has_shape(flat.dimensions(), lead, {k, 3}) || !has_shape(ok.dimensions(), lead, {k}) ||
+      !has_shape(batch.dimensions(), lead, {k}) || !has_shape(out->dimensions(), lead, {cap, 3}) ||
+      !has_shape(out_batch->dimensions(), lead, {cap}) ||
+      !has_shape(owner->dimensions(), lead, {k}) || !has_shape(count->dimensions(), lead, {}) ||
+      !has_shape(flags->dimensions(), lead, {})) {
+    return invalid("cpu_unique_outputs: inconsistent shapes: expects flat (..., K, 3), ok "
+                   "(..., K), batch (..., K), out (..., C, 3), out_batch (..., C), owner "
+                   "(..., K), count (...), flags (...)");
+  }
+  if (!fits_int32(k) || !fits_int32(cap)) return invalid("cpu_unique_outputs: too many rows");
+  SortScratch scratch;
+  std::vector<uint64_t> a, tmp;
+  std::vector<int32_t> real;
+  int pos_bits = 0;  // bits of a candidate's position
+  while ((int64_t(1) << pos_bits) < k) ++pos_bits;
+  for (int64_t b = 0; b < product(lead); ++b) {
+    const int32_t* c = flat.typed_data() + b * k * 3;
+    const bool* v = ok.typed_data() + b * k;
+    const int32_t* cb = batch.typed_data() + b * k;
+    int32_t* o = out->typed_data() + b * cap * 3;
+    int32_t* ob = out_batch->typed_data() + b * cap;
+    int32_t* own = owner->typed_data() + b * k;
+    // The real candidates, the grid's base, the span and the keys (a: 64-bit Morton keys).
+    int32_t base[3] = {kMaxCoord, kMaxCoord, kMaxCoord};
+    real.clear();
+    for (int64_t i = 0; i < k; ++i) {
+      if (!v[i]) continue;
+      real.push_back(int32_t(i));
+      for (int ax = 0; ax < 3; ++ax) base[ax] = std::min(base[ax], c[3 * i + ax]);
     }
-    for (auto* v : {&tw, &tw2}) v->resize(size_t(n));
-    for (auto* v : {&idx, &idx2}) v->resize(size_t(n));
-    uint64_t all_or = 0, all_and = ~uint64_t(0);
-    uint32_t top_or = 0, top_and = ~uint32_t(0);
-    for (int64_t i = 0; i < n; ++i) {
-      key[i] = (uint64_t(h[i]) << 32) | l[i];
-      tw[i] = t[i];
-      idx[i] = int32_t(i);
-      all_or |= key[i];
-      all_and &= key[i];
-      top_or |= t[i];
-      top_and &= t[i];
-    }
-    // Passes 0-3 on the 64-bit word, 4-5 on `top`.
-    for (int pass = 0; pass < 6; ++pass) {
-      const bool on_top = pass >= 4;
-      const int shift = 16 * (on_top ? pass - 4 : pass);
-      const uint64_t varies = on_top ? uint64_t(top_or ^ top_and) : (all_or ^ all_and);
-      if (((varies >> shift) & 0xffff) == 0) continue;  // one digit value: no-op
-      auto digit = [&](int64_t i) {
-        return on_top ? (tw[i] >> shift) & 0xffff : (key[i] >> shift) & 0xffff;
-      };
-      std::fill(count.begin(), count.end(), 0);
-      for (int64_t i = 0; i < n; ++i) ++count[digit(i)];
-      int64_t sum = 0;
-      for (auto& c : count) {
-        const int64_t v = c;
-        c = sum;
-        sum += v;
+    for (int ax = 0; ax < 3; ++ax) base[ax] = base[ax] == kMaxCoord ? 0 : base[ax];
+    const int64_t r = int64_t(real.size());
+    a.resize(size_t(r));
+    int64_t span = 0;
+    uint64_t k_or = 0, k_and = ~uint64_t(0);
+    uint32_t t_or = 0, t_and = ~0u;
+    for (int64_t q = 0; q < r; ++q) {
+      const int64_t i = real[size_t(q)];
+      uint32_t hi_word = 0, lo_word = 0;
+      for (int ax = 0; ax < 3; ++ax) {
+        const int64_t g = int64_t(c[3 * i + ax]) - base[ax];
+        span = std::max(span, g);
+        const uint32_t u = uint32_t(std::clamp<int64_t>(g, 0, kMaxCoord - 1));
+        hi_word |= spread3(u >> 10) << ax;
+        lo_word |= spread3(u) << ax;
       }
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t at = count[digit(i)]++;
-        key2[at] = key[i];
-        tw2[at] = tw[i];
-        idx2[at] = idx[i];
+      const uint64_t key = (uint64_t(hi_word) << 32) | lo_word;
+      a[size_t(q)] = key;
+      k_or |= key, k_and &= key, t_or |= uint32_t(cb[i]), t_and &= uint32_t(cb[i]);
+    }
+    int klo, kw, tlo, tw;
+    bit_span(k_or ^ k_and, klo, kw);
+    bit_span(uint64_t(t_or ^ t_and), tlo, tw);
+    std::fill(own, own + k, int32_t(cap));
+    std::fill(o, o + cap * 3, 0);
+    std::fill(ob, ob + cap, 0);
+    int64_t outputs = 0;
+    // Output `outputs` (if kept) is candidate i, with cloud `cloud`; candidate i is in it.
+    auto emit = [&](bool fresh, int64_t i, uint32_t cloud, const uint32_t* coord) {
+      if (fresh) {
+        if (outputs < cap) {
+          for (int ax = 0; ax < 3; ++ax) o[3 * outputs + ax] = int32_t(coord[ax]);
+          ob[outputs] = int32_t(cloud);
+        }
+        ++outputs;
       }
-      key.swap(key2);
-      tw.swap(tw2);
-      idx.swap(idx2);
+      own[i] = outputs - 1 < cap ? int32_t(outputs - 1) : int32_t(cap);
+    };
+    if (kw + tw + pos_bits <= 64 && span < kMaxCoord) {
+      // One word a candidate: (cloud bits << kw | key bits) << pos_bits | i, sorted; the
+      // outputs' coordinates decoded from their keys (exact: no coordinate was clipped).
+      for (int64_t q = 0; q < r; ++q) {
+        const int64_t i = real[size_t(q)];
+        const uint64_t part = ((uint64_t(uint32_t(cb[i]) >> tlo) & low_bits(tw)) << kw) |
+                              ((a[size_t(q)] >> klo) & low_bits(kw));
+        a[size_t(q)] = (part << pos_bits) | uint64_t(i);
+      }
+      tmp.resize(size_t(r));
+      sort_packed(a, tmp, pos_bits, kw + tw);
+      const uint64_t kmask = low_bits(kw) << klo;
+      const uint32_t tmask = uint32_t(low_bits(tw) << tlo);
+      uint64_t prev = 0;
+      for (int64_t q = 0; q < r; ++q) {
+        const uint64_t part = a[size_t(q)] >> pos_bits;
+        const bool fresh = q == 0 || part != prev;
+        prev = part;
+        uint32_t coord[3] = {0, 0, 0};
+        uint32_t cloud = 0;
+        if (fresh) {
+          const uint64_t key = (k_and & ~kmask) | ((part & low_bits(kw)) << klo);
+          const uint32_t hi_word = uint32_t(key >> 32), lo_word = uint32_t(key);
+          for (int ax = 0; ax < 3; ++ax) {
+            coord[ax] = uint32_t(int64_t((compact3(hi_word >> ax) << 10) | compact3(lo_word >> ax)) +
+                                 base[ax]);
+          }
+          cloud = (t_and & ~tmask) | uint32_t((part >> kw) << tlo);
+        }
+        emit(fresh, int64_t(a[size_t(q)] & low_bits(pos_bits)), cloud, coord);
+      }
+    } else {  // the general sort of the three words
+      const size_t rn = size_t(r);
+      std::vector<uint32_t> t(rn), h(rn), l(rn), to(rn), ho(rn), lw(rn);
+      std::vector<int32_t> pm(rn);
+      for (int64_t q = 0; q < r; ++q) {
+        t[size_t(q)] = uint32_t(cb[real[size_t(q)]]);
+        h[size_t(q)] = uint32_t(a[size_t(q)] >> 32), l[size_t(q)] = uint32_t(a[size_t(q)]);
+      }
+      sort_one(t.data(), h.data(), l.data(), r, to.data(), ho.data(), lw.data(), pm.data(),
+               scratch);
+      for (int64_t q = 0; q < r; ++q) {
+        const bool fresh = q == 0 || to[size_t(q)] != to[size_t(q - 1)] ||
+                           ho[size_t(q)] != ho[size_t(q - 1)] || lw[size_t(q)] != lw[size_t(q - 1)];
+        const int64_t i = real[size_t(pm[size_t(q)])];
+        const uint32_t coord[3] = {uint32_t(c[3 * i]), uint32_t(c[3 * i + 1]),
+                                   uint32_t(c[3 * i + 2])};
+        emit(fresh, i, uint32_t(cb[i]), coord);
+      }
     }
-    uint32_t* to = top_out->typed_data() + b * n;
-    uint32_t* ho = hi_out->typed_data() + b * n;
-    uint32_t* lw = lo_out->typed_data() + b * n;
-    int32_t* pm = perm->typed_data() + b * n;
-    for (int64_t i = 0; i < n; ++i) {
-      to[i] = tw[i];
-      ho[i] = uint32_t(key[i] >> 32);
-      lw[i] = uint32_t(key[i]);
-      pm[i] = idx[i];
-    }
+    count->typed_data()[b] = int32_t(std::min(outputs, cap));
+    flags->typed_data()[b] = (span >= kMaxCoord ? kOutOfRange : 0) |
+                             (outputs > cap ? kCapacityOverflow : 0);
   }
   return ffi::Error::Success();
 }
@@ -803,6 +978,18 @@ XLA_FFI_DEFINE_HANDLER(
         .Ret<ffi::Buffer<ffi::S32>>());  // perm: (..., N) positions, sorted
 
 XLA_FFI_DEFINE_HANDLER(
+    JscCpuUniqueOutputs, UniqueOutputs,
+    ffi::Ffi::Bind()
+        .Arg<ffi::Buffer<ffi::S32>>()    // flat: (..., K, 3) candidate coordinates
+        .Arg<ffi::Buffer<ffi::PRED>>()   // ok: (..., K) real candidates
+        .Arg<ffi::Buffer<ffi::S32>>()    // batch: (..., K) their clouds
+        .Ret<ffi::Buffer<ffi::S32>>()    // out: (..., C, 3) the outputs in key order
+        .Ret<ffi::Buffer<ffi::S32>>()    // out_batch: (..., C)
+        .Ret<ffi::Buffer<ffi::S32>>()    // owner: (..., K) each candidate's output (C: none)
+        .Ret<ffi::Buffer<ffi::S32>>()    // count: (...) outputs kept
+        .Ret<ffi::Buffer<ffi::S32>>());  // flags: (...) OUT_OF_RANGE | CAPACITY_OVERFLOW
+
+XLA_FFI_DEFINE_HANDLER(
     JscCpuNeighbors, Neighbors,
     ffi::Ffi::Bind()
         .Arg<ffi::Buffer<ffi::S32>>()     // in_coords: (..., N, 3) input voxels
@@ -818,6 +1005,7 @@ XLA_FFI_DEFINE_HANDLER(
 constexpr JscHandler kHandlers[] = {
     {"jsc_cpu_invert", JscCpuInvert},
     {"jsc_cpu_sort_keys", JscCpuSortKeys},
+    {"jsc_cpu_unique_outputs", JscCpuUniqueOutputs},
     {"jsc_cpu_neighbors", JscCpuNeighbors},
 };
 

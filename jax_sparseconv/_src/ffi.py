@@ -182,6 +182,21 @@ def cpu_sort_keys(*words):
   return tuple(out) if len(words) == 3 else tuple(out[1:])
 
 
+def cpu_unique_outputs(flat, ok, batch, capacity: int):
+  """``(out (capacity, 3), out_batch (capacity,), owner (K,), count, flags)``: the distinct
+  candidates ``flat (K, 3)`` where ``ok`` (clouds ``batch``) in key order, each
+  candidate's output, and ``OUT_OF_RANGE | CAPACITY_OVERFLOW`` (native CPU, one pass: the
+  jnp path of ``generate.py`` gives the same)."""
+  k = flat.shape[-2]
+  lead = flat.shape[:-2]
+  i32 = jnp.int32
+  return tuple(_call("jsc_cpu_unique_outputs",
+                     [((*lead, capacity, 3), i32), ((*lead, capacity), i32), ((*lead, k), i32),
+                      (lead, i32), (lead, i32)],
+                     flat.astype(i32), ok.astype(bool), batch.astype(i32),
+                     vmap_method="broadcast_all"))
+
+
 def cpu_neighbors(in_coords, in_batch, in_mask, out_coords, out_batch, out_mask, deltas):
   """``(neighbors, duplicate)`` by the native CPU lookup (a block hash; its cost does not
   depend on the coordinates' extent): ``neighbors[i, s]`` is the valid input at

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import errors, lattice
+from . import backend, errors, ffi, lattice
 from .errors import ErrorCode
 from .geometry import Geometry
 
@@ -94,7 +94,24 @@ def generate(coords, mask, batch, *, geometry: Geometry, capacity: int):
   cand, ok = _candidates(coords, mask, geometry)
   c = cand.shape[1]
   flat, flat_ok = cand.reshape(n * c, 3), ok.reshape(n * c)
-  flat_b = None if batch is None else jnp.repeat(batch, c)
+  flat_b = jnp.zeros((n * c,), jnp.int32) if batch is None else jnp.repeat(batch, c)
+
+  def by_jnp(flat, flat_ok, flat_b):
+    return _unique_outputs(flat, flat_ok, None if batch is None else flat_b, capacity)
+
+  out, out_b, owner, count, flags = backend.dispatch(
+      by_jnp, None, flat, flat_ok, flat_b,
+      cpu_fn=functools.partial(ffi.cpu_unique_outputs, capacity=capacity))
+  owner = owner.reshape(n, c)
+  inverse = owner if geometry.rule == "floor" else _by_slot(owner, coords, geometry, capacity)
+  return out, count, None if batch is None else out_b, inverse, flags
+
+
+def _unique_outputs(flat, flat_ok, flat_b, capacity: int):
+  """The distinct candidates in key order, by one sort (the reference for the native CPU
+  pass ``ffi.cpu_unique_outputs``): ``(out, out_b, owner, count, flags)``, out_b zeros
+  when ``flat_b`` is None."""
+  k = flat.shape[0]
   (grid,), _, flags = lattice.to_grid([flat], [flat_ok])
   *sorted_keys, perm = lattice.sort_keys(lattice.keys(grid, flat_b, flat_ok))
   sorted_ok = jnp.take(flat_ok, perm)
@@ -106,14 +123,11 @@ def generate(coords, mask, batch, *, geometry: Geometry, capacity: int):
   first = jnp.where(new & (seg < capacity), seg, capacity)
   out = jnp.zeros((capacity, 3), jnp.int32).at[first].set(jnp.take(flat, perm, axis=0),
                                                            mode="drop")
-  out_b = None
-  if batch is not None:
-    out_b = jnp.zeros((capacity,), jnp.int32).at[first].set(jnp.take(flat_b, perm),
-                                                           mode="drop")
-  owner = jnp.zeros((n * c,), jnp.int32).at[perm].set(seg, unique_indices=True)
-  owner = owner.reshape(n, c)
-  inverse = owner if geometry.rule == "floor" else _by_slot(owner, coords, geometry, capacity)
-  return out, jnp.minimum(count, capacity), out_b, inverse, flags
+  out_b = jnp.zeros((capacity,), jnp.int32)
+  if flat_b is not None:
+    out_b = out_b.at[first].set(jnp.take(flat_b, perm), mode="drop")
+  owner = jnp.zeros((k,), jnp.int32).at[perm].set(seg, unique_indices=True)
+  return out, out_b, owner, jnp.minimum(count, capacity), flags
 
 
 def _by_slot(owner, coords, geometry: Geometry, capacity: int):

@@ -11,6 +11,7 @@ kernel-array order ``(z, y, x)``; slot ``(kz * Ky + ky) * Kx + kx``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -166,6 +167,56 @@ def test_capacity_overflow_is_flagged(rng):
   with sc.error_mode("flag"):
     flags = jax.jit(lambda t: t.conv(3, 1, 1, rule="conv", key="k", capacity=16).flags)(level)
   assert int(flags) & int(sc.ErrorCode.CAPACITY_OVERFLOW)
+
+
+@pytest.mark.parametrize("case", ["packed", "one cloud", "overflow", "no shape", "empty",
+                                  "vmap", "far"])
+def test_native_output_sets_match_jnp(case, rng):
+  """The native CPU pass that merges a generating conv's candidates (ffi.cpu_unique_outputs)
+  gives the jnp path's output set, batches, inverse table, count and flags, bit for bit:
+  packed clouds, one cloud, more outputs than the capacity, negative coordinates (no grid
+  to clip to), no valid input, a vmapped batch of padded clouds, and a span past 2^20
+  (OUT_OF_RANGE: the native pass's general sort)."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the native CPU kernels run on the CPU")
+  from jax_sparseconv._src import generate
+  from jax_sparseconv._src.geometry import Geometry, centring
+
+  coords, batch, valid = _cloud(rng, 60, (9, 7, 8))
+  if case == "empty":
+    valid[:] = False
+  if case == "no shape":
+    coords = coords - 4  # negative coordinates stay (no grid)
+  if case == "far":
+    coords[:5] += 1 << 20
+  b = None if case == "one cloud" else jnp.asarray(batch)
+  cap = 64 if case == "overflow" else len(coords) * 18  # 18: the transposed candidates
+  args = (jnp.asarray(coords), jnp.asarray(valid), b)
+  for rule in ("conv", "transpose", "floor"):
+    ks, st = (3, 2, 3), (2, 1, 2)
+    pad = centring(ks, (1, 1, 1)) if rule == "floor" else (1, 0, 1)
+    geo = Geometry(rule, ks, st, pad, (1, 1, 1),
+                   None if case in ("no shape", "far") else (9, 7, 8))
+    run = functools.partial(generate.generate, geometry=geo, capacity=cap)
+    if case == "vmap":
+      args2 = tuple(jnp.stack([a, a[::-1]]) for a in args[:2]) + (jnp.stack([b, b[::-1]]),)
+      native = jax.vmap(run)(*args2)
+      with sc.kernel_backend("jnp"):
+        ref = jax.vmap(run)(*args2)
+    else:
+      native = run(*args)
+      with sc.kernel_backend("jnp"):
+        ref = run(*args)
+    for got, want in zip(native, ref):
+      if want is None:
+        assert got is None
+        continue
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    flags = int(np.max(np.asarray(native[4])))
+    assert bool(flags & int(sc.ErrorCode.CAPACITY_OVERFLOW)) == (case == "overflow")
+    assert bool(flags & int(sc.ErrorCode.OUT_OF_RANGE)) == (case == "far")
+    if case == "empty":
+      assert int(np.max(np.asarray(native[1]))) == 0
 
 
 def test_generated_level_under_jit_matches_eager(rng):
