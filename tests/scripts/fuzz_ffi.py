@@ -246,6 +246,32 @@ def search_cases():
   ]:
     expect_error(f"sort {name}", "jsc_cpu_sort_keys", res, *args)
 
+  # unique_outputs: flat (K, 3), ok (K,), batch (K,) -> out (C, 3), out_b (C,), owner (K,),
+  # count (), flags ()
+  flat = jnp.asarray([[2, 1, 0], [0, 0, 0], [2, 1, 0], [5, 5, 5]], I32)
+  okc, bc = jnp.asarray([True, True, True, False]), jnp.zeros(4, I32)
+  good = [((3, 3), I32), ((3,), I32), ((4,), I32), ((), I32), ((), I32)]
+  expect_ok("unique well formed", "jsc_cpu_unique_outputs", good,
+            [np.asarray([[0, 0, 0], [2, 1, 0], [0, 0, 0]]), np.zeros(3), np.asarray([1, 0, 1, 3]),
+             np.asarray(2), np.asarray(0)], flat, okc, bc)
+  expect_ok("unique empty", "jsc_cpu_unique_outputs",
+            [((0, 3), I32), ((0,), I32), ((0,), I32), ((), I32), ((), I32)], [None] * 5,
+            flat[:0], okc[:0], bc[:0])
+  expect_ok("unique capacity 1", "jsc_cpu_unique_outputs",
+            [((1, 3), I32), ((1,), I32), ((4,), I32), ((), I32), ((), I32)],
+            [np.asarray([[0, 0, 0]]), np.zeros(1), np.asarray([1, 0, 1, 1]), np.asarray(1),
+             np.asarray(64)], flat, okc, bc)
+  for name, args, res in [
+      ("ok length", (flat, okc[:3], bc), good), ("batch length", (flat, okc, bc[:3]), good),
+      ("flat width", (flat[:, :2], okc, bc), good), ("flat float", (flat.astype(F32), okc, bc), good),
+      ("owner length", (flat, okc, bc), good[:2] + [((3,), I32)] + good[3:]),
+      ("out width", (flat, okc, bc), [((3, 2), I32)] + good[1:]),
+      ("out_b length", (flat, okc, bc), good[:1] + [((2,), I32)] + good[2:]),
+      ("count rank", (flat, okc, bc), good[:3] + [((1,), I32)] + good[4:]),
+      ("ok int32", (flat, okc.astype(I32), bc), good),
+  ]:
+    expect_error(f"unique {name}", "jsc_cpu_unique_outputs", res, *args)
+
   # invert
   n, m, s = 6, 5, 4
   nbr = np.array(rng.integers(-3, n + 3, (m, s)), np.int32)
