@@ -425,12 +425,16 @@ def linen_subm(**kw):
 
 @functools.lru_cache(maxsize=None)
 def nnx_layer(kind="conv", cin=2):
+  """One NNX layer per kind, shared by the eager and the jitted cases: built with concrete
+  parameters even when first asked for inside a trace (else the cache would keep that
+  trace's tracers, and whichever case ran next under jit would fail on a leaked tracer)."""
   from flax import nnx
 
   from jax_sparseconv import nnx as snnx
   cls = {"conv": snnx.SparseConv, "conv_t": snnx.SparseConvTranspose, "subm": snnx.SubMConv,
          "down": snnx.DownConv}[kind]
-  return cls(cin, 4, rngs=nnx.Rngs(0))
+  with jax.ensure_compile_time_eval():
+    return cls(cin, 4, rngs=nnx.Rngs(0))
 
 
 def _nnx_call(kind, **a):
