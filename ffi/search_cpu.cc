@@ -129,6 +129,36 @@ void sort_packed(std::vector<uint64_t>& a, std::vector<uint64_t>& tmp, int low, 
   }
 }
 
+// How (top, key, position) triples pack into one word: (top bits << kw | key bits) <<
+// pos_bits | position, from the words' common bits (and of all keys) and varying spans
+// (xor of or and and), so that the words sort like the triples (sort_packed from bit
+// pos_bits) and unpack exactly.
+struct Packing {
+  int klo, kw, tlo, tw, pos_bits = 0;
+  uint64_t k_and;
+  uint32_t t_and;
+  Packing(uint64_t k_or, uint64_t k_and_, uint32_t t_or, uint32_t t_and_, int64_t positions)
+      : k_and(k_and_), t_and(t_and_) {
+    bit_span(k_or ^ k_and, klo, kw);
+    bit_span(uint64_t(t_or ^ t_and), tlo, tw);
+    while ((int64_t(1) << pos_bits) < positions) ++pos_bits;
+  }
+  bool fits() const { return kw + tw + pos_bits <= 64; }
+  int width() const { return kw + tw; }
+  uint64_t pack(uint32_t top, uint64_t key, int64_t position) const {
+    const uint64_t part = ((uint64_t(top >> tlo) & low_bits(tw)) << kw) | ((key >> klo) & low_bits(kw));
+    return (part << pos_bits) | uint64_t(position);
+  }
+  int64_t position(uint64_t w) const { return int64_t(w & low_bits(pos_bits)); }
+  uint64_t part(uint64_t w) const { return w >> pos_bits; }
+  uint64_t key(uint64_t w) const {
+    return (k_and & ~(low_bits(kw) << klo)) | ((part(w) & low_bits(kw)) << klo);
+  }
+  uint32_t top(uint64_t w) const {
+    return (t_and & ~uint32_t(low_bits(tw) << tlo)) | uint32_t((part(w) >> kw) << tlo);
+  }
+};
+
 // The packed sort of one batch entry, when it applies (else false, nothing written). The
 // rows holding the largest possible key, (max top, all-ones hi and lo), are the padding
 // sentinels of `lattice.keys` (and any real key equal to them): they sort last, in
@@ -149,30 +179,18 @@ bool sort_narrow(const uint32_t* t, const uint32_t* h, const uint32_t* l, int64_
     k_or |= k, k_and &= k, t_or |= t[i], t_and &= t[i];
     ++rest;
   }
-  int klo, kw, tlo, tw;
-  bit_span(k_or ^ k_and, klo, kw);
-  bit_span(uint64_t(t_or ^ t_and), tlo, tw);
-  int pos_bits = 0;  // bits of a position
-  while ((int64_t(1) << pos_bits) < n) ++pos_bits;
-  if (kw + tw + pos_bits > 64) return false;
+  const Packing pk(k_or, k_and, t_or, t_and, n);
+  if (!pk.fits()) return false;
   a.resize(size_t(rest));
   tmp.resize(size_t(rest));
-  for (int64_t i = 0, r = 0; i < n; ++i) {  // (top bits << kw | key bits) << pos_bits | i
-    if (is_max(i)) continue;
-    const uint64_t k = (uint64_t(h[i]) << 32) | l[i];
-    const uint64_t part = ((uint64_t(t[i] >> tlo) & low_bits(tw)) << kw) | ((k >> klo) & low_bits(kw));
-    a[size_t(r++)] = (part << pos_bits) | uint64_t(i);
+  for (int64_t i = 0, r = 0; i < n; ++i) {
+    if (!is_max(i)) a[size_t(r++)] = pk.pack(t[i], (uint64_t(h[i]) << 32) | l[i], i);
   }
-  sort_packed(a, tmp, pos_bits, kw + tw);
-  const uint64_t kmask = low_bits(kw) << klo;
-  const uint32_t tmask = uint32_t(low_bits(tw) << tlo);
+  sort_packed(a, tmp, pk.pos_bits, pk.width());
   for (int64_t r = 0; r < rest; ++r) {
-    const uint64_t part = a[size_t(r)] >> pos_bits;
-    const uint64_t k = (k_and & ~kmask) | ((part & low_bits(kw)) << klo);
-    to[r] = (t_and & ~tmask) | uint32_t((part >> kw) << tlo);
-    ho[r] = uint32_t(k >> 32);
-    lw[r] = uint32_t(k);
-    pm[r] = int32_t(a[size_t(r)] & low_bits(pos_bits));
+    const uint64_t w = a[size_t(r)], k = pk.key(w);
+    to[r] = pk.top(w), ho[r] = uint32_t(k >> 32), lw[r] = uint32_t(k);
+    pm[r] = int32_t(pk.position(w));
   }
   for (int64_t i = 0, r = rest; i < n; ++i) {
     if (!is_max(i)) continue;
@@ -328,8 +346,6 @@ ffi::Error UniqueOutputs(ffi::Buffer<ffi::S32> flat, ffi::Buffer<ffi::PRED> ok,
   SortScratch scratch;
   std::vector<uint64_t> a, tmp;
   std::vector<int32_t> real;
-  int pos_bits = 0;  // bits of a candidate's position
-  while ((int64_t(1) << pos_bits) < k) ++pos_bits;
   for (int64_t b = 0; b < product(lead); ++b) {
     const int32_t* c = flat.typed_data() + b * k * 3;
     const bool* v = ok.typed_data() + b * k;
@@ -365,9 +381,7 @@ ffi::Error UniqueOutputs(ffi::Buffer<ffi::S32> flat, ffi::Buffer<ffi::PRED> ok,
       a[size_t(q)] = key;
       k_or |= key, k_and &= key, t_or |= uint32_t(cb[i]), t_and &= uint32_t(cb[i]);
     }
-    int klo, kw, tlo, tw;
-    bit_span(k_or ^ k_and, klo, kw);
-    bit_span(uint64_t(t_or ^ t_and), tlo, tw);
+    const Packing pk(k_or, k_and, t_or, t_and, k);
     std::fill(own, own + k, int32_t(cap));
     std::fill(o, o + cap * 3, 0);
     std::fill(ob, ob + cap, 0);
@@ -383,36 +397,28 @@ ffi::Error UniqueOutputs(ffi::Buffer<ffi::S32> flat, ffi::Buffer<ffi::PRED> ok,
       }
       own[i] = outputs - 1 < cap ? int32_t(outputs - 1) : int32_t(cap);
     };
-    if (kw + tw + pos_bits <= 64 && span < kMaxCoord) {
+    if (pk.fits() && span < kMaxCoord) {
       // One word a candidate: (cloud bits << kw | key bits) << pos_bits | i, sorted; the
       // outputs' coordinates decoded from their keys (exact: no coordinate was clipped).
       for (int64_t q = 0; q < r; ++q) {
         const int64_t i = real[size_t(q)];
-        const uint64_t part = ((uint64_t(uint32_t(cb[i]) >> tlo) & low_bits(tw)) << kw) |
-                              ((a[size_t(q)] >> klo) & low_bits(kw));
-        a[size_t(q)] = (part << pos_bits) | uint64_t(i);
+        a[size_t(q)] = pk.pack(uint32_t(cb[i]), a[size_t(q)], i);
       }
       tmp.resize(size_t(r));
-      sort_packed(a, tmp, pos_bits, kw + tw);
-      const uint64_t kmask = low_bits(kw) << klo;
-      const uint32_t tmask = uint32_t(low_bits(tw) << tlo);
-      uint64_t prev = 0;
+      sort_packed(a, tmp, pk.pos_bits, pk.width());
       for (int64_t q = 0; q < r; ++q) {
-        const uint64_t part = a[size_t(q)] >> pos_bits;
-        const bool fresh = q == 0 || part != prev;
-        prev = part;
+        const uint64_t w = a[size_t(q)];
+        const bool fresh = q == 0 || pk.part(w) != pk.part(a[size_t(q - 1)]);
         uint32_t coord[3] = {0, 0, 0};
-        uint32_t cloud = 0;
         if (fresh) {
-          const uint64_t key = (k_and & ~kmask) | ((part & low_bits(kw)) << klo);
+          const uint64_t key = pk.key(w);
           const uint32_t hi_word = uint32_t(key >> 32), lo_word = uint32_t(key);
           for (int ax = 0; ax < 3; ++ax) {
             coord[ax] = uint32_t(int64_t((compact3(hi_word >> ax) << 10) | compact3(lo_word >> ax)) +
                                  base[ax]);
           }
-          cloud = (t_and & ~tmask) | uint32_t((part >> kw) << tlo);
         }
-        emit(fresh, int64_t(a[size_t(q)] & low_bits(pos_bits)), cloud, coord);
+        emit(fresh, pk.position(w), fresh ? pk.top(w) : 0, coord);
       }
     } else {  // the general sort of the three words
       const size_t rn = size_t(r);
