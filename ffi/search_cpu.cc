@@ -9,6 +9,8 @@
 //   jsc_cpu_neighbors:  in_coords (..., N, 3), in_batch (..., N), in_valid (..., N),
 //                       out_coords (..., M, 3), out_batch (..., M), out_valid (..., M),
 //                       deltas (S, 3) -> neighbors (..., M, S), duplicate (...)
+//   jsc_cpu_generate:   coords (..., N, 3), valid, batch (..., N) -> out (..., C, 3),
+//                       out_batch (..., C), inverse (..., N, S), count, flags (...)
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -325,123 +327,232 @@ inline uint32_t spread3(uint32_t v) {  // the low 10 bits of v, two zero bits be
   return v;
 }
 
-ffi::Error UniqueOutputs(ffi::Buffer<ffi::S32> flat, ffi::Buffer<ffi::PRED> ok,
-                         ffi::Buffer<ffi::S32> batch, ffi::Result<ffi::Buffer<ffi::S32>> out,
-                         ffi::Result<ffi::Buffer<ffi::S32>> out_batch,
-                         ffi::Result<ffi::Buffer<ffi::S32>> owner,
-                         ffi::Result<ffi::Buffer<ffi::S32>> count,
-                         ffi::Result<ffi::Buffer<ffi::S32>> flags) {
-  const Dims lead = leading(flat.dimensions(), 2);
-  const int64_t k = dim(flat.dimensions(), -2), cap = dim(out->dimensions(), -2);
-  if (!has_shape(flat.dimensions(), lead, {k, 3}) || !has_shape(ok.dimensions(), lead, {k}) ||
-      !has_shape(batch.dimensions(), lead, {k}) || !has_shape(out->dimensions(), lead, {cap, 3}) ||
-      !has_shape(out_batch->dimensions(), lead, {cap}) ||
-      !has_shape(owner->dimensions(), lead, {k}) || !has_shape(count->dimensions(), lead, {}) ||
-      !has_shape(flags->dimensions(), lead, {})) {
-    return invalid("cpu_unique_outputs: inconsistent shapes: expects flat (..., K, 3), ok "
-                   "(..., K), batch (..., K), out (..., C, 3), out_batch (..., C), owner "
-                   "(..., K), count (...), flags (...)");
-  }
-  if (!fits_int32(k) || !fits_int32(cap)) return invalid("cpu_unique_outputs: too many rows");
-  SortScratch scratch;
+// Scratch of merge_candidates, reused across batch entries.
+struct MergeScratch {
+  SortScratch sort;
   std::vector<uint64_t> a, tmp;
-  std::vector<int32_t> real;
-  for (int64_t b = 0; b < product(lead); ++b) {
-    const int32_t* c = flat.typed_data() + b * k * 3;
-    const bool* v = ok.typed_data() + b * k;
-    const int32_t* cb = batch.typed_data() + b * k;
-    int32_t* o = out->typed_data() + b * cap * 3;
-    int32_t* ob = out_batch->typed_data() + b * cap;
-    int32_t* own = owner->typed_data() + b * k;
-    // The real candidates, the grid's base, the span and the keys (a: 64-bit Morton keys).
-    int32_t base[3] = {kMaxCoord, kMaxCoord, kMaxCoord};
-    real.clear();
-    for (int64_t i = 0; i < k; ++i) {
-      if (!v[i]) continue;
-      real.push_back(int32_t(i));
-      for (int ax = 0; ax < 3; ++ax) base[ax] = std::min(base[ax], c[3 * i + ax]);
+  std::vector<int32_t> cc, cl, ids;  // the real candidates: coordinates (r, 3), clouds, ids
+};
+
+// The merge of one batch entry's r real candidates (sc.cc, sc.cl, sc.ids, in id order):
+// o (cap, 3) / ob (cap) the distinct ones in key order (padding rows 0), own[ids[q]] the
+// output of candidate q (own is filled with cap first by the caller, which also marks
+// the ids that are not real); returns the count of outputs (uncapped) and sets `span`.
+int64_t merge_candidates(MergeScratch& sc, int64_t cap, int32_t* o, int32_t* ob, int32_t* own,
+                         int64_t& span) {
+  const int64_t r = int64_t(sc.ids.size());
+  const int32_t* cc = sc.cc.data();
+  const int32_t* cl = sc.cl.data();
+  const int32_t* ids = sc.ids.data();
+  int32_t base[3] = {kMaxCoord, kMaxCoord, kMaxCoord};
+  for (int64_t q = 0; q < r; ++q) {
+    for (int ax = 0; ax < 3; ++ax) base[ax] = std::min(base[ax], cc[3 * q + ax]);
+  }
+  for (int ax = 0; ax < 3; ++ax) base[ax] = base[ax] == kMaxCoord ? 0 : base[ax];
+  std::vector<uint64_t>& a = sc.a;
+  a.resize(size_t(r));
+  span = 0;
+  uint64_t k_or = 0, k_and = ~uint64_t(0);
+  uint32_t t_or = 0, t_and = ~0u;
+  for (int64_t q = 0; q < r; ++q) {
+    uint32_t hi_word = 0, lo_word = 0;
+    for (int ax = 0; ax < 3; ++ax) {
+      const int64_t g = int64_t(cc[3 * q + ax]) - base[ax];
+      span = std::max(span, g);
+      const uint32_t u = uint32_t(std::clamp<int64_t>(g, 0, kMaxCoord - 1));
+      hi_word |= spread3(u >> 10) << ax;
+      lo_word |= spread3(u) << ax;
     }
-    for (int ax = 0; ax < 3; ++ax) base[ax] = base[ax] == kMaxCoord ? 0 : base[ax];
-    const int64_t r = int64_t(real.size());
-    a.resize(size_t(r));
-    int64_t span = 0;
-    uint64_t k_or = 0, k_and = ~uint64_t(0);
-    uint32_t t_or = 0, t_and = ~0u;
+    const uint64_t key = (uint64_t(hi_word) << 32) | lo_word;
+    a[size_t(q)] = key;
+    k_or |= key, k_and &= key, t_or |= uint32_t(cl[q]), t_and &= uint32_t(cl[q]);
+  }
+  std::fill(o, o + cap * 3, 0);
+  std::fill(ob, ob + cap, 0);
+  const Packing pk(k_or, k_and, t_or, t_and, r);
+  int64_t outputs = 0;
+  // Output `outputs` (if kept) is candidate q, with cloud `cloud`; candidate q is in it.
+  auto emit = [&](bool fresh, int64_t q, uint32_t cloud, const uint32_t* coord) {
+    if (fresh) {
+      if (outputs < cap) {
+        for (int ax = 0; ax < 3; ++ax) o[3 * outputs + ax] = int32_t(coord[ax]);
+        ob[outputs] = int32_t(cloud);
+      }
+      ++outputs;
+    }
+    own[ids[q]] = outputs - 1 < cap ? int32_t(outputs - 1) : int32_t(cap);
+  };
+  if (pk.fits() && span < kMaxCoord) {
+    // One word a candidate: (cloud bits << kw | key bits) << pos_bits | q, sorted; the
+    // outputs' coordinates decoded from their keys (exact: no coordinate was clipped).
+    for (int64_t q = 0; q < r; ++q) a[size_t(q)] = pk.pack(uint32_t(cl[q]), a[size_t(q)], q);
+    sc.tmp.resize(size_t(r));
+    sort_packed(a, sc.tmp, pk.pos_bits, pk.width());
     for (int64_t q = 0; q < r; ++q) {
-      const int64_t i = real[size_t(q)];
-      uint32_t hi_word = 0, lo_word = 0;
-      for (int ax = 0; ax < 3; ++ax) {
-        const int64_t g = int64_t(c[3 * i + ax]) - base[ax];
-        span = std::max(span, g);
-        const uint32_t u = uint32_t(std::clamp<int64_t>(g, 0, kMaxCoord - 1));
-        hi_word |= spread3(u >> 10) << ax;
-        lo_word |= spread3(u) << ax;
-      }
-      const uint64_t key = (uint64_t(hi_word) << 32) | lo_word;
-      a[size_t(q)] = key;
-      k_or |= key, k_and &= key, t_or |= uint32_t(cb[i]), t_and &= uint32_t(cb[i]);
-    }
-    const Packing pk(k_or, k_and, t_or, t_and, k);
-    std::fill(own, own + k, int32_t(cap));
-    std::fill(o, o + cap * 3, 0);
-    std::fill(ob, ob + cap, 0);
-    int64_t outputs = 0;
-    // Output `outputs` (if kept) is candidate i, with cloud `cloud`; candidate i is in it.
-    auto emit = [&](bool fresh, int64_t i, uint32_t cloud, const uint32_t* coord) {
+      const uint64_t w = a[size_t(q)];
+      const bool fresh = q == 0 || pk.part(w) != pk.part(a[size_t(q - 1)]);
+      uint32_t coord[3] = {0, 0, 0};
       if (fresh) {
-        if (outputs < cap) {
-          for (int ax = 0; ax < 3; ++ax) o[3 * outputs + ax] = int32_t(coord[ax]);
-          ob[outputs] = int32_t(cloud);
+        const uint64_t key = pk.key(w);
+        const uint32_t hi_word = uint32_t(key >> 32), lo_word = uint32_t(key);
+        for (int ax = 0; ax < 3; ++ax) {
+          coord[ax] = uint32_t(int64_t((compact3(hi_word >> ax) << 10) | compact3(lo_word >> ax)) +
+                               base[ax]);
         }
-        ++outputs;
       }
-      own[i] = outputs - 1 < cap ? int32_t(outputs - 1) : int32_t(cap);
-    };
-    if (pk.fits() && span < kMaxCoord) {
-      // One word a candidate: (cloud bits << kw | key bits) << pos_bits | i, sorted; the
-      // outputs' coordinates decoded from their keys (exact: no coordinate was clipped).
-      for (int64_t q = 0; q < r; ++q) {
-        const int64_t i = real[size_t(q)];
-        a[size_t(q)] = pk.pack(uint32_t(cb[i]), a[size_t(q)], i);
+      emit(fresh, pk.position(w), fresh ? pk.top(w) : 0, coord);
+    }
+  } else {  // the general sort of the three words
+    const size_t rn = size_t(r);
+    std::vector<uint32_t> t(rn), h(rn), l(rn), to(rn), ho(rn), lw(rn);
+    std::vector<int32_t> pm(rn);
+    for (int64_t q = 0; q < r; ++q) {
+      t[size_t(q)] = uint32_t(cl[q]);
+      h[size_t(q)] = uint32_t(a[size_t(q)] >> 32), l[size_t(q)] = uint32_t(a[size_t(q)]);
+    }
+    sort_one(t.data(), h.data(), l.data(), r, to.data(), ho.data(), lw.data(), pm.data(), sc.sort);
+    for (int64_t j = 0; j < r; ++j) {
+      const bool fresh = j == 0 || to[size_t(j)] != to[size_t(j - 1)] ||
+                         ho[size_t(j)] != ho[size_t(j - 1)] || lw[size_t(j)] != lw[size_t(j - 1)];
+      const int64_t q = pm[size_t(j)];
+      const uint32_t coord[3] = {uint32_t(cc[3 * q]), uint32_t(cc[3 * q + 1]),
+                                 uint32_t(cc[3 * q + 2])};
+      emit(fresh, q, uint32_t(cl[q]), coord);
+    }
+  }
+  return outputs;
+}
+
+inline int32_t merge_flags(int64_t span, int64_t outputs, int64_t cap) {
+  return (span >= kMaxCoord ? kOutOfRange : 0) | (outputs > cap ? kCapacityOverflow : 0);
+}
+
+// The output set a conv generates, from its inputs (generate.py's jnp path: candidates,
+// merge and the per-slot table, in one pass): coords (..., N, 3), valid (..., N), batch
+// (..., N) -> out (..., cap, 3), out_batch (..., cap), inverse (..., N, S) (the output input
+// i reaches through slot s, cap where none), count (...), flags (...) (OUT_OF_RANGE,
+// CAPACITY_OVERFLOW).
+// Attributes (per axis, 3 each): kernel K, stride s, padding p, dilation d, shape (the
+// output grid [0, shape), or -1s for no clip), and rule: 0 = "conv" (input x reaches
+// o = (x + p - k d) / s through offset k where that divides), 1 = "transpose" (o = x s +
+// k d - p), 2 = "floor" (o = floor(x / s), S = 1). Slots in kernel order, axis 0 fastest.
+inline int64_t floor_div(int64_t a, int64_t b) {
+  const int64_t q = a / b;
+  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+
+// One axis of a generating conv: the (offset, output) pairs of a coordinate, one integer
+// division a call ("conv": the offsets of each residue r = (x + p) mod s, tabulated with
+// t = (k d - r) / s, so that o = floor((x + p) / s) - t).
+struct AxisRule {
+  int64_t rule, k, s, p, d;
+  std::vector<std::vector<std::pair<int32_t, int64_t>>> by_residue;  // (offset, t)
+  AxisRule(int64_t rule_, int64_t k_, int64_t s_, int64_t p_, int64_t d_)
+      : rule(rule_), k(k_), s(s_), p(p_), d(d_) {
+    if (rule != 0) return;
+    by_residue.resize(size_t(s));
+    for (int64_t r = 0; r < s; ++r) {
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t num = r - j * d;  // (x + p - j d) with x + p = r (mod s)
+        if (num - floor_div(num, s) * s == 0) by_residue[size_t(r)].push_back({int32_t(j), -num / s});
       }
-      tmp.resize(size_t(r));
-      sort_packed(a, tmp, pk.pos_bits, pk.width());
-      for (int64_t q = 0; q < r; ++q) {
-        const uint64_t w = a[size_t(q)];
-        const bool fresh = q == 0 || pk.part(w) != pk.part(a[size_t(q - 1)]);
-        uint32_t coord[3] = {0, 0, 0};
-        if (fresh) {
-          const uint64_t key = pk.key(w);
-          const uint32_t hi_word = uint32_t(key >> 32), lo_word = uint32_t(key);
-          for (int ax = 0; ax < 3; ++ax) {
-            coord[ax] = uint32_t(int64_t((compact3(hi_word >> ax) << 10) | compact3(lo_word >> ax)) +
-                                 base[ax]);
+    }
+  }
+  // Writes the (offset, output) pairs of coordinate x to `out`; returns their number.
+  int operator()(int64_t x, int32_t* off, int64_t* o) const {
+    if (rule == 2) {
+      off[0] = 0, o[0] = floor_div(x, s);
+      return 1;
+    }
+    if (rule == 1) {
+      for (int64_t j = 0; j < k; ++j) off[j] = int32_t(j), o[j] = x * s + j * d - p;
+      return int(k);
+    }
+    const int64_t q = floor_div(x + p, s);
+    const auto& row = by_residue[size_t(x + p - q * s)];
+    for (size_t i = 0; i < row.size(); ++i) off[i] = row[i].first, o[i] = q - row[i].second;
+    return int(row.size());
+  }
+};
+
+ffi::Error Generate(ffi::Buffer<ffi::S32> coords, ffi::Buffer<ffi::PRED> valid,
+                    ffi::Buffer<ffi::S32> batch, ffi::Result<ffi::Buffer<ffi::S32>> out,
+                    ffi::Result<ffi::Buffer<ffi::S32>> out_batch,
+                    ffi::Result<ffi::Buffer<ffi::S32>> inverse,
+                    ffi::Result<ffi::Buffer<ffi::S32>> count,
+                    ffi::Result<ffi::Buffer<ffi::S32>> flags, int64_t rule,
+                    ffi::Span<const int64_t> kernel, ffi::Span<const int64_t> stride,
+                    ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation,
+                    ffi::Span<const int64_t> shape) {
+  const Dims lead = leading(coords.dimensions(), 2);
+  const int64_t n = dim(coords.dimensions(), -2), cap = dim(out->dimensions(), -2);
+  const int64_t s = dim(inverse->dimensions(), -1);
+  if (!has_shape(coords.dimensions(), lead, {n, 3}) || !has_shape(valid.dimensions(), lead, {n}) ||
+      !has_shape(batch.dimensions(), lead, {n}) || !has_shape(out->dimensions(), lead, {cap, 3}) ||
+      !has_shape(out_batch->dimensions(), lead, {cap}) ||
+      !has_shape(inverse->dimensions(), lead, {n, s}) || !has_shape(count->dimensions(), lead, {}) ||
+      !has_shape(flags->dimensions(), lead, {})) {
+    return invalid("cpu_generate: inconsistent shapes: expects coords (..., N, 3), valid "
+                   "(..., N), batch (..., N), out (..., C, 3), out_batch (..., C), inverse "
+                   "(..., N, S), count (...), flags (...)");
+  }
+  for (const auto* a : {&kernel, &stride, &padding, &dilation, &shape}) {
+    if (a->size() != 3) return invalid("cpu_generate: expects 3 values per axis attribute");
+  }
+  for (int ax = 0; ax < 3; ++ax) {
+    if (kernel[ax] < 1 || kernel[ax] > 64 || stride[ax] < 1 || stride[ax] > 1024 || dilation[ax] < 1)
+      return invalid("cpu_generate: kernel sizes must be in [1, 64], strides in [1, 1024], "
+                     "dilations positive");
+  }
+  if (rule < 0 || rule > 2 || s != (rule == 2 ? 1 : kernel[0] * kernel[1] * kernel[2])) {
+    return invalid("cpu_generate: expects rule 0-2 and S = the kernel's slots (1 for floor)");
+  }
+  if (!fits_int32(n * s) || !fits_int32(cap)) return invalid("cpu_generate: too many rows");
+  const bool clip = shape[0] >= 0;
+  const AxisRule axes[3] = {{rule, kernel[0], stride[0], padding[0], dilation[0]},
+                            {rule, kernel[1], stride[1], padding[1], dilation[1]},
+                            {rule, kernel[2], stride[2], padding[2], dilation[2]}};
+  // Slot of offsets (k0, k1, k2): k0 + K0 (k1 + K1 k2); 0 for floor.
+  const int64_t stride1 = rule == 2 ? 0 : kernel[0], stride2 = rule == 2 ? 0 : kernel[0] * kernel[1];
+  MergeScratch sc;
+  int32_t off[3][64];
+  int64_t o[3][64];
+  for (int64_t b = 0; b < product(lead); ++b) {
+    const int32_t* c = coords.typed_data() + b * n * 3;
+    const bool* v = valid.typed_data() + b * n;
+    const int32_t* cb = batch.typed_data() + b * n;
+    int32_t* inv = inverse->typed_data() + b * n * s;
+    sc.cc.clear(), sc.cl.clear(), sc.ids.clear();
+    for (int64_t i = 0; i < n; ++i) {
+      if (!v[i]) continue;
+      int cnt[3];
+      for (int ax = 0; ax < 3; ++ax) {
+        const int raw = axes[ax](c[3 * i + ax], off[ax], o[ax]);
+        cnt[ax] = 0;  // kept: inside the grid
+        for (int j = 0; j < raw; ++j) {
+          if (clip && (o[ax][j] < 0 || o[ax][j] >= shape[ax])) continue;
+          off[ax][cnt[ax]] = off[ax][j], o[ax][cnt[ax]] = o[ax][j], ++cnt[ax];
+        }
+      }
+      for (int j2 = 0; j2 < cnt[2]; ++j2) {
+        for (int j1 = 0; j1 < cnt[1]; ++j1) {
+          for (int j0 = 0; j0 < cnt[0]; ++j0) {
+            sc.cc.push_back(int32_t(o[0][j0]));
+            sc.cc.push_back(int32_t(o[1][j1]));
+            sc.cc.push_back(int32_t(o[2][j2]));
+            sc.cl.push_back(cb[i]);
+            sc.ids.push_back(int32_t(i * s + off[0][j0] + stride1 * off[1][j1] + stride2 * off[2][j2]));
           }
         }
-        emit(fresh, pk.position(w), fresh ? pk.top(w) : 0, coord);
-      }
-    } else {  // the general sort of the three words
-      const size_t rn = size_t(r);
-      std::vector<uint32_t> t(rn), h(rn), l(rn), to(rn), ho(rn), lw(rn);
-      std::vector<int32_t> pm(rn);
-      for (int64_t q = 0; q < r; ++q) {
-        t[size_t(q)] = uint32_t(cb[real[size_t(q)]]);
-        h[size_t(q)] = uint32_t(a[size_t(q)] >> 32), l[size_t(q)] = uint32_t(a[size_t(q)]);
-      }
-      sort_one(t.data(), h.data(), l.data(), r, to.data(), ho.data(), lw.data(), pm.data(),
-               scratch);
-      for (int64_t q = 0; q < r; ++q) {
-        const bool fresh = q == 0 || to[size_t(q)] != to[size_t(q - 1)] ||
-                           ho[size_t(q)] != ho[size_t(q - 1)] || lw[size_t(q)] != lw[size_t(q - 1)];
-        const int64_t i = real[size_t(pm[size_t(q)])];
-        const uint32_t coord[3] = {uint32_t(c[3 * i]), uint32_t(c[3 * i + 1]),
-                                   uint32_t(c[3 * i + 2])};
-        emit(fresh, i, uint32_t(cb[i]), coord);
       }
     }
+    advise_huge_pages(inv, n * s * int64_t(sizeof(int32_t)));
+    std::fill(inv, inv + n * s, int32_t(cap));
+    int64_t span = 0;
+    const int64_t outputs = merge_candidates(sc, cap, out->typed_data() + b * cap * 3,
+                                             out_batch->typed_data() + b * cap, inv, span);
     count->typed_data()[b] = int32_t(std::min(outputs, cap));
-    flags->typed_data()[b] = (span >= kMaxCoord ? kOutOfRange : 0) |
-                             (outputs > cap ? kCapacityOverflow : 0);
+    flags->typed_data()[b] = merge_flags(span, outputs, cap);
   }
   return ffi::Error::Success();
 }
@@ -984,16 +1095,22 @@ XLA_FFI_DEFINE_HANDLER(
         .Ret<ffi::Buffer<ffi::S32>>());  // perm: (..., N) positions, sorted
 
 XLA_FFI_DEFINE_HANDLER(
-    JscCpuUniqueOutputs, UniqueOutputs,
+    JscCpuGenerate, Generate,
     ffi::Ffi::Bind()
-        .Arg<ffi::Buffer<ffi::S32>>()    // flat: (..., K, 3) candidate coordinates
-        .Arg<ffi::Buffer<ffi::PRED>>()   // ok: (..., K) real candidates
-        .Arg<ffi::Buffer<ffi::S32>>()    // batch: (..., K) their clouds
+        .Arg<ffi::Buffer<ffi::S32>>()    // coords: (..., N, 3) input voxels
+        .Arg<ffi::Buffer<ffi::PRED>>()   // valid: (..., N) false = padding
+        .Arg<ffi::Buffer<ffi::S32>>()    // batch: (..., N) cloud of each input
         .Ret<ffi::Buffer<ffi::S32>>()    // out: (..., C, 3) the outputs in key order
         .Ret<ffi::Buffer<ffi::S32>>()    // out_batch: (..., C)
-        .Ret<ffi::Buffer<ffi::S32>>()    // owner: (..., K) each candidate's output (C: none)
+        .Ret<ffi::Buffer<ffi::S32>>()    // inverse: (..., N, S) output per (input, slot), C: none
         .Ret<ffi::Buffer<ffi::S32>>()    // count: (...) outputs kept
-        .Ret<ffi::Buffer<ffi::S32>>());  // flags: (...) OUT_OF_RANGE | CAPACITY_OVERFLOW
+        .Ret<ffi::Buffer<ffi::S32>>()    // flags: (...) OUT_OF_RANGE | CAPACITY_OVERFLOW
+        .Attr<int64_t>("rule")           // 0 conv, 1 transpose, 2 floor
+        .Attr<ffi::Span<const int64_t>>("kernel")     // (3)
+        .Attr<ffi::Span<const int64_t>>("stride")     // (3)
+        .Attr<ffi::Span<const int64_t>>("padding")    // (3)
+        .Attr<ffi::Span<const int64_t>>("dilation")   // (3)
+        .Attr<ffi::Span<const int64_t>>("shape"));  // (3) output grid, or -1s for none
 
 XLA_FFI_DEFINE_HANDLER(
     JscCpuNeighbors, Neighbors,
@@ -1011,7 +1128,7 @@ XLA_FFI_DEFINE_HANDLER(
 constexpr JscHandler kHandlers[] = {
     {"jsc_cpu_invert", JscCpuInvert},
     {"jsc_cpu_sort_keys", JscCpuSortKeys},
-    {"jsc_cpu_unique_outputs", JscCpuUniqueOutputs},
+    {"jsc_cpu_generate", JscCpuGenerate},
     {"jsc_cpu_neighbors", JscCpuNeighbors},
 };
 

@@ -9,20 +9,23 @@ Two extension modules of this package carry the XLA FFI handlers:
   so that the kernels' indexing runs through the test suite without a GPU), the native
   CPU conv kernels (float32 gather-matmul and weight gradient over the pairs that
   exist, AVX2, threads) and the native CPU search kernels (key sort, neighbour lookup,
-  inverse map).
+  inverse map, generated output sets).
 
 Each wrapper below is one ``jax.ffi.ffi_call``; which one runs is decided in
 ``backend.py``. Policies that the kernels need (the weight gradient's partition count)
-are decided here and passed down as shapes: the kernels take no attributes.
+are decided here and passed down as shapes; the one kernel with attributes is the
+generated output set's (its rule, kernel, stride, padding, dilation and grid).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import sharding
 
@@ -76,8 +79,8 @@ def xla_ffi_api_minor() -> dict[str, int]:
           for name, mod in (("cuda", cuda), ("host", host)) if mod is not None}
 
 
-def _call(target, results, *args, vmap_method="sequential"):
-  """``jax.ffi.ffi_call(target, results)(*args)`` with ``results`` a list of
+def _call(target, results, *args, vmap_method="sequential", attrs=None):
+  """``jax.ffi.ffi_call(target, results)(*args, **attrs)`` with ``results`` a list of
   ``(shape, dtype)``; under ``shard_map`` operands and results vary over the same mesh
   axes, and vmapped over a batch sharded over Explicit mesh axes the call runs per shard
   (``sharding.py``). Returns one array, or a tuple for several results."""
@@ -85,6 +88,8 @@ def _call(target, results, *args, vmap_method="sequential"):
   types = [sharding.result(args[0], shape, dtype) for shape, dtype in results]
   call = jax.ffi.ffi_call(target, types if len(types) > 1 else types[0],
                           vmap_method=vmap_method)
+  if attrs:
+    call = functools.partial(call, **attrs)
   if vmap_method == "broadcast_all":  # the search kernels: integer operands
     # vmapped over a batch axis sharded over Explicit mesh axes: per shard (sharding.py).
     call = sharding.vmap_per_shard(call)
@@ -182,19 +187,29 @@ def cpu_sort_keys(*words):
   return tuple(out) if len(words) == 3 else tuple(out[1:])
 
 
-def cpu_unique_outputs(flat, ok, batch, capacity: int):
-  """``(out (capacity, 3), out_batch (capacity,), owner (K,), count, flags)``: the distinct
-  candidates ``flat (K, 3)`` where ``ok`` (clouds ``batch``) in key order, each
-  candidate's output, and ``OUT_OF_RANGE | CAPACITY_OVERFLOW`` (native CPU, one pass: the
-  jnp path of ``generate.py`` gives the same)."""
-  k = flat.shape[-2]
-  lead = flat.shape[:-2]
+_RULES = {"conv": 0, "transpose": 1, "floor": 2}
+
+
+def cpu_generate(coords, mask, batch, *, rule, kernel_size, stride, padding, dilation, shape,
+                 capacity: int):
+  """``(out (capacity, 3), out_batch (capacity,), inverse (n, S), count, flags)``: the
+  output set a conv generates from inputs at ``coords (n, 3)`` (valid ``mask``, clouds
+  ``batch``), as ``generate.py``'s jnp path gives it (native CPU, one pass). ``rule``:
+  "conv", "transpose" or "floor" (``S`` = 1); the other arguments are 3-tuples (``shape``
+  the output grid, or None)."""
+  n = coords.shape[-2]
+  lead = coords.shape[:-2]
+  s = 1 if rule == "floor" else int(np.prod(kernel_size))
   i32 = jnp.int32
-  return tuple(_call("jsc_cpu_unique_outputs",
-                     [((*lead, capacity, 3), i32), ((*lead, capacity), i32), ((*lead, k), i32),
+  attrs = {"rule": np.int64(_RULES[rule]),
+           **{name: np.asarray(v, np.int64).reshape(3) for name, v in (
+               ("kernel", kernel_size), ("stride", stride), ("padding", padding),
+               ("dilation", dilation), ("shape", (-1, -1, -1) if shape is None else shape))}}
+  return tuple(_call("jsc_cpu_generate",
+                     [((*lead, capacity, 3), i32), ((*lead, capacity), i32), ((*lead, n, s), i32),
                       (lead, i32), (lead, i32)],
-                     flat.astype(i32), ok.astype(bool), batch.astype(i32),
-                     vmap_method="broadcast_all"))
+                     coords.astype(i32), mask.astype(bool), batch.astype(i32),
+                     vmap_method="broadcast_all", attrs=attrs))
 
 
 def cpu_neighbors(in_coords, in_batch, in_mask, out_coords, out_batch, out_mask, deltas):

@@ -90,26 +90,36 @@ def generate(coords, mask, batch, *, geometry: Geometry, capacity: int):
     ``(n, 1)``, each input's output), and the error flags (``OUT_OF_RANGE``,
     ``CAPACITY_OVERFLOW``).
   """
+  zeros = jnp.zeros(coords.shape[:1], jnp.int32)
+  b = zeros if batch is None else batch
+  out, out_b, inverse, count, flags = backend.dispatch(
+      functools.partial(_generate_jnp, geometry=geometry, capacity=capacity,
+                        batched=batch is not None),
+      None, coords, mask, b,
+      cpu_fn=functools.partial(ffi.cpu_generate, rule=geometry.rule,
+                               kernel_size=geometry.kernel_size, stride=geometry.stride,
+                               padding=geometry.padding, dilation=geometry.dilation,
+                               shape=geometry.out_shape(), capacity=capacity))
+  return out, count, None if batch is None else out_b, inverse, flags
+
+
+def _generate_jnp(coords, mask, batch, *, geometry: Geometry, capacity: int, batched: bool):
+  """:func:`generate` in jnp (the reference of the native CPU pass ``ffi.cpu_generate``):
+  the candidates, their merge by one sort, the per-slot table."""
   n = coords.shape[0]
   cand, ok = _candidates(coords, mask, geometry)
   c = cand.shape[1]
   flat, flat_ok = cand.reshape(n * c, 3), ok.reshape(n * c)
-  flat_b = jnp.zeros((n * c,), jnp.int32) if batch is None else jnp.repeat(batch, c)
-
-  def by_jnp(flat, flat_ok, flat_b):
-    return _unique_outputs(flat, flat_ok, None if batch is None else flat_b, capacity)
-
-  out, out_b, owner, count, flags = backend.dispatch(
-      by_jnp, None, flat, flat_ok, flat_b,
-      cpu_fn=functools.partial(ffi.cpu_unique_outputs, capacity=capacity))
+  flat_b = jnp.repeat(batch, c) if batched else None
+  out, out_b, owner, count, flags = _unique_outputs(flat, flat_ok, flat_b, capacity)
   owner = owner.reshape(n, c)
   inverse = owner if geometry.rule == "floor" else _by_slot(owner, coords, geometry, capacity)
-  return out, count, None if batch is None else out_b, inverse, flags
+  return out, out_b, inverse, count, flags
 
 
 def _unique_outputs(flat, flat_ok, flat_b, capacity: int):
   """The distinct candidates in key order, by one sort (the reference for the native CPU
-  pass ``ffi.cpu_unique_outputs``): ``(out, out_b, owner, count, flags)``, out_b zeros
+  pass ``ffi.cpu_generate``): ``(out, out_b, owner, count, flags)``, out_b zeros
   when ``flat_b`` is None."""
   k = flat.shape[0]
   (grid,), _, flags = lattice.to_grid([flat], [flat_ok])

@@ -172,8 +172,8 @@ def test_capacity_overflow_is_flagged(rng):
 @pytest.mark.parametrize("case", ["packed", "one cloud", "overflow", "no shape", "empty",
                                   "vmap", "far"])
 def test_native_output_sets_match_jnp(case, rng):
-  """The native CPU pass that merges a generating conv's candidates (ffi.cpu_unique_outputs)
-  gives the jnp path's output set, batches, inverse table, count and flags, bit for bit:
+  """The native CPU pass that builds a generating conv's output set (ffi.cpu_generate: conv,
+  transpose and floor rules) gives the jnp path's output set, batches, inverse table, count and flags, bit for bit:
   packed clouds, one cloud, more outputs than the capacity, negative coordinates (no grid
   to clip to), no valid input, a vmapped batch of padded clouds, and a span past 2^20
   (OUT_OF_RANGE: the native pass's general sort)."""

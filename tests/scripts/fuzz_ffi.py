@@ -31,26 +31,26 @@ failures: list[str] = []
 counts = {"error": 0, "ok": 0}
 
 
-def call(target, results, *args):
+def call(target, results, *args, attrs=None):
   types = [jax.ShapeDtypeStruct(s, d) for s, d in results]
-  out = jax.ffi.ffi_call(target, types if len(types) > 1 else types[0])(*args)
+  out = jax.ffi.ffi_call(target, types if len(types) > 1 else types[0])(*args, **(attrs or {}))
   out = jax.block_until_ready(out)
   return [np.asarray(o) for o in out] if len(types) > 1 else [np.asarray(out)]
 
 
-def expect_error(name, target, results, *args):
+def expect_error(name, target, results, *args, attrs=None):
   counts["error"] += 1
   try:
-    call(target, results, *args)
+    call(target, results, *args, attrs=attrs)
   except Exception:  # noqa: BLE001 - any error is the expected outcome
     return
   failures.append(f"{name}: {target} accepted a malformed call")
 
 
-def expect_ok(name, target, results, want, *args):
+def expect_ok(name, target, results, want, *args, attrs=None):
   counts["ok"] += 1
   try:
-    got = call(target, results, *args)
+    got = call(target, results, *args, attrs=attrs)
   except Exception as e:  # noqa: BLE001
     failures.append(f"{name}: {target} raised on a well-formed call: {str(e)[:200]}")
     return
@@ -246,31 +246,63 @@ def search_cases():
   ]:
     expect_error(f"sort {name}", "jsc_cpu_sort_keys", res, *args)
 
-  # unique_outputs: flat (K, 3), ok (K,), batch (K,) -> out (C, 3), out_b (C,), owner (K,),
-  # count (), flags ()
-  flat = jnp.asarray([[2, 1, 0], [0, 0, 0], [2, 1, 0], [5, 5, 5]], I32)
-  okc, bc = jnp.asarray([True, True, True, False]), jnp.zeros(4, I32)
-  good = [((3, 3), I32), ((3,), I32), ((4,), I32), ((), I32), ((), I32)]
-  expect_ok("unique well formed", "jsc_cpu_unique_outputs", good,
-            [np.asarray([[0, 0, 0], [2, 1, 0], [0, 0, 0]]), np.zeros(3), np.asarray([1, 0, 1, 3]),
-             np.asarray(2), np.asarray(0)], flat, okc, bc)
-  expect_ok("unique empty", "jsc_cpu_unique_outputs",
-            [((0, 3), I32), ((0,), I32), ((0,), I32), ((), I32), ((), I32)], [None] * 5,
-            flat[:0], okc[:0], bc[:0])
-  expect_ok("unique capacity 1", "jsc_cpu_unique_outputs",
-            [((1, 3), I32), ((1,), I32), ((4,), I32), ((), I32), ((), I32)],
-            [np.asarray([[0, 0, 0]]), np.zeros(1), np.asarray([1, 0, 1, 1]), np.asarray(1),
-             np.asarray(64)], flat, okc, bc)
-  for name, args, res in [
-      ("ok length", (flat, okc[:3], bc), good), ("batch length", (flat, okc, bc[:3]), good),
-      ("flat width", (flat[:, :2], okc, bc), good), ("flat float", (flat.astype(F32), okc, bc), good),
-      ("owner length", (flat, okc, bc), good[:2] + [((3,), I32)] + good[3:]),
-      ("out width", (flat, okc, bc), [((3, 2), I32)] + good[1:]),
-      ("out_b length", (flat, okc, bc), good[:1] + [((2,), I32)] + good[2:]),
-      ("count rank", (flat, okc, bc), good[:3] + [((1,), I32)] + good[4:]),
-      ("ok int32", (flat, okc.astype(I32), bc), good),
+  # generate: coords (N, 3), valid (N,), batch (N,) -> out (C, 3), out_b (C,), inverse (N, S),
+  # count (), flags (); attributes rule, kernel, stride, padding, dilation, shape (3 each)
+  def gen_attrs(rule=2, kernel=(1, 1, 1), stride=(2, 2, 2), padding=(0, 0, 0),
+                dilation=(1, 1, 1), shape=(-1, -1, -1)):
+    return {"rule": np.int64(rule), **{k: np.asarray(v, np.int64) for k, v in (
+        ("kernel", kernel), ("stride", stride), ("padding", padding), ("dilation", dilation),
+        ("shape", shape))}}
+
+  gc = jnp.asarray([[2, 1, 0], [0, 0, 0], [3, 1, 1], [5, 5, 5]], I32)
+  gv, gb = jnp.asarray([True, True, True, False]), jnp.zeros(4, I32)
+  good = [((3, 3), I32), ((3,), I32), ((4, 1), I32), ((), I32), ((), I32)]
+  floor = gen_attrs()  # floor(x / 2): [1, 0, 0], [0, 0, 0], [1, 0, 0]
+  expect_ok("generate floor", "jsc_cpu_generate", good,
+            [np.asarray([[0, 0, 0], [1, 0, 0], [0, 0, 0]]), np.zeros(3),
+             np.asarray([[1], [0], [1], [3]]), np.asarray(2), np.asarray(0)], gc, gv, gb,
+            attrs=floor)
+  expect_ok("generate empty", "jsc_cpu_generate",
+            [((0, 3), I32), ((0,), I32), ((0, 1), I32), ((), I32), ((), I32)], [None] * 5,
+            gc[:0], gv[:0], gb[:0], attrs=floor)
+  expect_ok("generate capacity 1", "jsc_cpu_generate",
+            [((1, 3), I32), ((1,), I32), ((4, 1), I32), ((), I32), ((), I32)],
+            [np.asarray([[0, 0, 0]]), np.zeros(1), np.asarray([[1], [0], [1], [1]]),
+             np.asarray(1), np.asarray(64)], gc, gv, gb, attrs=floor)
+  # transposed, kernel (2, 1, 1), stride (2, 1, 1): [1, 0, 0] reaches [2, 0, 0] and [3, 0, 0]
+  expect_ok("generate transpose", "jsc_cpu_generate",
+            [((2, 3), I32), ((2,), I32), ((1, 2), I32), ((), I32), ((), I32)],
+            [np.asarray([[2, 0, 0], [3, 0, 0]]), np.zeros(2), np.asarray([[0, 1]]),
+             np.asarray(2), np.asarray(0)], gc[:1] - jnp.asarray([[1, 1, 0]], I32), gv[:1], gb[:1],
+            attrs=gen_attrs(1, (2, 1, 1), (2, 1, 1)))
+  # conv, kernel 3, stride 2, padding 1, clipped to a (1, 1, 1) grid: only [0, 0, 0] stays
+  expect_ok("generate conv clipped", "jsc_cpu_generate",
+            [((2, 3), I32), ((2,), I32), ((4, 27), I32), ((), I32), ((), I32)],
+            [np.zeros((2, 3)), np.zeros(2), None, np.asarray(1), np.asarray(0)], gc, gv, gb,
+            attrs=gen_attrs(0, (3, 3, 3), (2, 2, 2), (1, 1, 1), shape=(1, 1, 1)))
+  for name, args, res, at in [
+      ("valid length", (gc, gv[:3], gb), good, floor),
+      ("batch length", (gc, gv, gb[:3]), good, floor),
+      ("coords width", (gc[:, :2], gv, gb), good, floor),
+      ("coords float", (gc.astype(F32), gv, gb), good, floor),
+      ("valid int32", (gc, gv.astype(I32), gb), good, floor),
+      ("inverse rows", (gc, gv, gb), good[:2] + [((3, 1), I32)] + good[3:], floor),
+      ("inverse slots", (gc, gv, gb), good[:2] + [((4, 2), I32)] + good[3:], floor),
+      ("out width", (gc, gv, gb), [((3, 2), I32)] + good[1:], floor),
+      ("out_b length", (gc, gv, gb), good[:1] + [((2,), I32)] + good[2:], floor),
+      ("count rank", (gc, gv, gb), good[:3] + [((1,), I32)] + good[4:], floor),
+      ("rule 3", (gc, gv, gb), good, gen_attrs(3)),
+      ("rule -1", (gc, gv, gb), good, gen_attrs(-1)),
+      ("kernel 0", (gc, gv, gb), good, gen_attrs(kernel=(0, 1, 1))),
+      ("kernel 65", (gc, gv, gb), good, gen_attrs(kernel=(65, 1, 1))),
+      ("stride 0", (gc, gv, gb), good, gen_attrs(stride=(0, 2, 2))),
+      ("stride 1025", (gc, gv, gb), good, gen_attrs(stride=(1025, 2, 2))),
+      ("dilation 0", (gc, gv, gb), good, gen_attrs(dilation=(1, 0, 1))),
+      ("two-value kernel", (gc, gv, gb), good, gen_attrs(kernel=(1, 1))),
+      ("slots not the kernel's", (gc, gv, gb), good, gen_attrs(0, (3, 3, 3))),
+      ("no attributes", (gc, gv, gb), good, None),
   ]:
-    expect_error(f"unique {name}", "jsc_cpu_unique_outputs", res, *args)
+    expect_error(f"generate {name}", "jsc_cpu_generate", res, *args, attrs=at)
 
   # invert
   n, m, s = 6, 5, 4
