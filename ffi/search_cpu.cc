@@ -10,7 +10,8 @@
 //                       out_coords (..., M, 3), out_batch (..., M), out_valid (..., M),
 //                       deltas (S, 3) -> neighbors (..., M, S), duplicate (...)
 //   jsc_cpu_generate:   coords (..., N, 3), valid, batch (..., N) -> out (..., C, 3),
-//                       out_batch (..., C), inverse (..., N, S), count, flags (...)
+//                       out_batch (..., C), inverse (..., N, S), neighbors (..., C, S),
+//                       unique, count, flags (...)
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -335,15 +336,16 @@ struct MergeScratch {
 };
 
 // The merge of one batch entry's r real candidates (sc.cc, sc.cl, sc.ids, in id order):
-// o (cap, 3) / ob (cap) the distinct ones in key order (padding rows 0), own[ids[q]] the
-// output of candidate q (own is filled with cap first by the caller, which also marks
-// the ids that are not real); returns the count of outputs (uncapped) and sets `span`.
-int64_t merge_candidates(MergeScratch& sc, int64_t cap, int32_t* o, int32_t* ob, int32_t* own,
-                         int64_t& span) {
-  const int64_t r = int64_t(sc.ids.size());
+// o (cap, 3) / ob (cap) the distinct ones in key order (padding rows 0), and visit(q, out)
+// for every candidate q in key order (stable: ids ascending within an output), out its
+// output (cap when beyond the capacity); returns the count of outputs (uncapped) and sets
+// `span`.
+template <typename Visit>
+int64_t merge_candidates(MergeScratch& sc, int64_t cap, int32_t* o, int32_t* ob,
+                         const Visit& visit, int64_t& span) {
+  const int64_t r = int64_t(sc.cl.size());
   const int32_t* cc = sc.cc.data();
   const int32_t* cl = sc.cl.data();
-  const int32_t* ids = sc.ids.data();
   int32_t base[3] = {kMaxCoord, kMaxCoord, kMaxCoord};
   for (int64_t q = 0; q < r; ++q) {
     for (int ax = 0; ax < 3; ++ax) base[ax] = std::min(base[ax], cc[3 * q + ax]);
@@ -380,7 +382,7 @@ int64_t merge_candidates(MergeScratch& sc, int64_t cap, int32_t* o, int32_t* ob,
       }
       ++outputs;
     }
-    own[ids[q]] = outputs - 1 < cap ? int32_t(outputs - 1) : int32_t(cap);
+    visit(q, outputs - 1 < cap ? int32_t(outputs - 1) : int32_t(cap));
   };
   if (pk.fits() && span < kMaxCoord) {
     // One word a candidate: (cloud bits << kw | key bits) << pos_bits | q, sorted; the
@@ -430,8 +432,10 @@ inline int32_t merge_flags(int64_t span, int64_t outputs, int64_t cap) {
 // The output set a conv generates, from its inputs (generate.py's jnp path: candidates,
 // merge and the per-slot table, in one pass): coords (..., N, 3), valid (..., N), batch
 // (..., N) -> out (..., cap, 3), out_batch (..., cap), inverse (..., N, S) (the output input
-// i reaches through slot s, cap where none), count (...), flags (...) (OUT_OF_RANGE,
-// CAPACITY_OVERFLOW).
+// i reaches through slot s, cap where none), neighbors (..., cap, S) (its inverse: the
+// input output o reads through slot s, N where none; of two, the later input, as
+// cpu_invert), unique (...) (no two inputs reach one output through one slot), count
+// (...), flags (...) (OUT_OF_RANGE, CAPACITY_OVERFLOW).
 // Attributes (per axis, 3 each): kernel K, stride s, padding p, dilation d, shape (the
 // output grid [0, shape), or -1s for no clip), and rule: 0 = "conv" (input x reaches
 // o = (x + p - k d) / s through offset k where that divides), 1 = "transpose" (o = x s +
@@ -479,6 +483,8 @@ ffi::Error Generate(ffi::Buffer<ffi::S32> coords, ffi::Buffer<ffi::PRED> valid,
                     ffi::Buffer<ffi::S32> batch, ffi::Result<ffi::Buffer<ffi::S32>> out,
                     ffi::Result<ffi::Buffer<ffi::S32>> out_batch,
                     ffi::Result<ffi::Buffer<ffi::S32>> inverse,
+                    ffi::Result<ffi::Buffer<ffi::S32>> neighbors,
+                    ffi::Result<ffi::Buffer<ffi::PRED>> unique,
                     ffi::Result<ffi::Buffer<ffi::S32>> count,
                     ffi::Result<ffi::Buffer<ffi::S32>> flags, int64_t rule,
                     ffi::Span<const int64_t> kernel, ffi::Span<const int64_t> stride,
@@ -490,11 +496,13 @@ ffi::Error Generate(ffi::Buffer<ffi::S32> coords, ffi::Buffer<ffi::PRED> valid,
   if (!has_shape(coords.dimensions(), lead, {n, 3}) || !has_shape(valid.dimensions(), lead, {n}) ||
       !has_shape(batch.dimensions(), lead, {n}) || !has_shape(out->dimensions(), lead, {cap, 3}) ||
       !has_shape(out_batch->dimensions(), lead, {cap}) ||
-      !has_shape(inverse->dimensions(), lead, {n, s}) || !has_shape(count->dimensions(), lead, {}) ||
+      !has_shape(inverse->dimensions(), lead, {n, s}) ||
+      !has_shape(neighbors->dimensions(), lead, {cap, s}) ||
+      !has_shape(unique->dimensions(), lead, {}) || !has_shape(count->dimensions(), lead, {}) ||
       !has_shape(flags->dimensions(), lead, {})) {
     return invalid("cpu_generate: inconsistent shapes: expects coords (..., N, 3), valid "
                    "(..., N), batch (..., N), out (..., C, 3), out_batch (..., C), inverse "
-                   "(..., N, S), count (...), flags (...)");
+                   "(..., N, S), neighbors (..., C, S), unique (...), count (...), flags (...)");
   }
   for (const auto* a : {&kernel, &stride, &padding, &dilation, &shape}) {
     if (a->size() != 3) return invalid("cpu_generate: expects 3 values per axis attribute");
@@ -507,7 +515,7 @@ ffi::Error Generate(ffi::Buffer<ffi::S32> coords, ffi::Buffer<ffi::PRED> valid,
   if (rule < 0 || rule > 2 || s != (rule == 2 ? 1 : kernel[0] * kernel[1] * kernel[2])) {
     return invalid("cpu_generate: expects rule 0-2 and S = the kernel's slots (1 for floor)");
   }
-  if (!fits_int32(n * s) || !fits_int32(cap)) return invalid("cpu_generate: too many rows");
+  if (!fits_int32(n * s) || !fits_int32(cap * s)) return invalid("cpu_generate: too many rows");
   const bool clip = shape[0] >= 0;
   const AxisRule axes[3] = {{rule, kernel[0], stride[0], padding[0], dilation[0]},
                             {rule, kernel[1], stride[1], padding[1], dilation[1]},
@@ -522,6 +530,7 @@ ffi::Error Generate(ffi::Buffer<ffi::S32> coords, ffi::Buffer<ffi::PRED> valid,
     const bool* v = valid.typed_data() + b * n;
     const int32_t* cb = batch.typed_data() + b * n;
     int32_t* inv = inverse->typed_data() + b * n * s;
+    int32_t* nbr = neighbors->typed_data() + b * cap * s;
     sc.cc.clear(), sc.cl.clear(), sc.ids.clear();
     for (int64_t i = 0; i < n; ++i) {
       if (!v[i]) continue;
@@ -547,10 +556,25 @@ ffi::Error Generate(ffi::Buffer<ffi::S32> coords, ffi::Buffer<ffi::PRED> valid,
       }
     }
     advise_huge_pages(inv, n * s * int64_t(sizeof(int32_t)));
+    advise_huge_pages(nbr, cap * s * int64_t(sizeof(int32_t)));
     std::fill(inv, inv + n * s, int32_t(cap));
+    std::fill(nbr, nbr + cap * s, int32_t(n));
     int64_t span = 0;
+    bool clash = false;
+    const int32_t* ids = sc.ids.data();
+    // In key order the outputs come in turn (the table's rows written in order) and, within
+    // one, the inputs ascending: the later input wins a shared slot, as in cpu_invert.
+    auto visit = [&](int64_t q, int32_t to) {
+      inv[ids[q]] = to;
+      if (to == cap) return;
+      const int32_t i = ids[q] / int32_t(s), slot = ids[q] - i * int32_t(s);
+      int32_t& e = nbr[int64_t(to) * s + slot];
+      clash |= e != int32_t(n);
+      e = i;
+    };
     const int64_t outputs = merge_candidates(sc, cap, out->typed_data() + b * cap * 3,
-                                             out_batch->typed_data() + b * cap, inv, span);
+                                             out_batch->typed_data() + b * cap, visit, span);
+    unique->typed_data()[b] = !clash;
     count->typed_data()[b] = int32_t(std::min(outputs, cap));
     flags->typed_data()[b] = merge_flags(span, outputs, cap);
   }
@@ -1103,6 +1127,8 @@ XLA_FFI_DEFINE_HANDLER(
         .Ret<ffi::Buffer<ffi::S32>>()    // out: (..., C, 3) the outputs in key order
         .Ret<ffi::Buffer<ffi::S32>>()    // out_batch: (..., C)
         .Ret<ffi::Buffer<ffi::S32>>()    // inverse: (..., N, S) output per (input, slot), C: none
+        .Ret<ffi::Buffer<ffi::S32>>()    // neighbors: (..., C, S) input per (output, slot), N: none
+        .Ret<ffi::Buffer<ffi::PRED>>()   // unique: (...) no (output, slot) reached twice
         .Ret<ffi::Buffer<ffi::S32>>()    // count: (...) outputs kept
         .Ret<ffi::Buffer<ffi::S32>>()    // flags: (...) OUT_OF_RANGE | CAPACITY_OVERFLOW
         .Attr<int64_t>("rule")           // 0 conv, 1 transpose, 2 floor

@@ -192,9 +192,11 @@ _RULES = {"conv": 0, "transpose": 1, "floor": 2}
 
 def cpu_generate(coords, mask, batch, *, rule, kernel_size, stride, padding, dilation, shape,
                  capacity: int):
-  """``(out (capacity, 3), out_batch (capacity,), inverse (n, S), count, flags)``: the
-  output set a conv generates from inputs at ``coords (n, 3)`` (valid ``mask``, clouds
-  ``batch``), as ``generate.py``'s jnp path gives it (native CPU, one pass). ``rule``:
+  """``(out (capacity, 3), out_batch (capacity,), inverse (n, S), neighbors (capacity,
+  S), unique, count, flags)``: the output set a conv generates from inputs at ``coords
+  (n, 3)`` (valid ``mask``, clouds ``batch``) and its map both ways, as ``generate.py``'s
+  jnp path gives them (native CPU, one pass; ``neighbors, unique`` are
+  :func:`cpu_invert` of ``inverse``). ``rule``:
   "conv", "transpose" or "floor" (``S`` = 1); the other arguments are 3-tuples (``shape``
   the output grid, or None)."""
   n = coords.shape[-2]
@@ -207,7 +209,7 @@ def cpu_generate(coords, mask, batch, *, rule, kernel_size, stride, padding, dil
                ("dilation", dilation), ("shape", (-1, -1, -1) if shape is None else shape))}}
   return tuple(_call("jsc_cpu_generate",
                      [((*lead, capacity, 3), i32), ((*lead, capacity), i32), ((*lead, n, s), i32),
-                      (lead, i32), (lead, i32)],
+                      ((*lead, capacity, s), i32), (lead, bool), (lead, i32), (lead, i32)],
                      coords.astype(i32), mask.astype(bool), batch.astype(i32),
                      vmap_method="broadcast_all", attrs=attrs))
 

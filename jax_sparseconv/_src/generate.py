@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import backend, errors, ffi, lattice
+from . import backend, errors, ffi, lattice, lookup
 from .errors import ErrorCode
 from .geometry import Geometry
 
@@ -83,16 +83,19 @@ def generate(coords, mask, batch, *, geometry: Geometry, capacity: int):
     capacity: static number of output rows.
 
   Returns:
-    ``(out_coords, count, out_batch, inverse, flags)``: int32 ``(capacity, 3)`` output
-    coordinates (in key order; padding rows 0), the int32 number of outputs, their
-    cloud indices (or None), int32 ``(n, S)`` ``inverse[i, slot]`` = the output that
-    input ``i`` reaches through ``slot`` (``capacity`` where none; for ``"floor"``
-    ``(n, 1)``, each input's output), and the error flags (``OUT_OF_RANGE``,
+    ``(out_coords, count, out_batch, inverse, neighbors, unique, flags)``: int32
+    ``(capacity, 3)`` output coordinates (in key order; padding rows 0), the int32 number
+    of outputs, their cloud indices (or None), int32 ``(n, S)`` ``inverse[i, slot]`` =
+    the output that input ``i`` reaches through ``slot`` (``capacity`` where none; for
+    ``"floor"`` ``(n, 1)``, each input's output), its inverse ``neighbors (capacity, S)``
+    (the input output ``o`` reads through ``slot``, ``n`` where none) and whether that is
+    exact (``unique``: no two inputs reach one output through one slot, i.e.
+    :func:`lookup.invert` of ``inverse``), and the error flags (``OUT_OF_RANGE``,
     ``CAPACITY_OVERFLOW``).
   """
   zeros = jnp.zeros(coords.shape[:1], jnp.int32)
   b = zeros if batch is None else batch
-  out, out_b, inverse, count, flags = backend.dispatch(
+  out, out_b, inverse, neighbors, unique, count, flags = backend.dispatch(
       functools.partial(_generate_jnp, geometry=geometry, capacity=capacity,
                         batched=batch is not None),
       None, coords, mask, b,
@@ -100,7 +103,7 @@ def generate(coords, mask, batch, *, geometry: Geometry, capacity: int):
                                kernel_size=geometry.kernel_size, stride=geometry.stride,
                                padding=geometry.padding, dilation=geometry.dilation,
                                shape=geometry.out_shape(), capacity=capacity))
-  return out, count, None if batch is None else out_b, inverse, flags
+  return out, count, None if batch is None else out_b, inverse, neighbors, unique, flags
 
 
 def _generate_jnp(coords, mask, batch, *, geometry: Geometry, capacity: int, batched: bool):
@@ -114,7 +117,8 @@ def _generate_jnp(coords, mask, batch, *, geometry: Geometry, capacity: int, bat
   out, out_b, owner, count, flags = _unique_outputs(flat, flat_ok, flat_b, capacity)
   owner = owner.reshape(n, c)
   inverse = owner if geometry.rule == "floor" else _by_slot(owner, coords, geometry, capacity)
-  return out, out_b, inverse, count, flags
+  neighbors, unique = lookup.invert(inverse, capacity)
+  return out, out_b, inverse, neighbors, unique, count, flags
 
 
 def _unique_outputs(flat, flat_ok, flat_b, capacity: int):

@@ -323,12 +323,11 @@ def _lattice_build(c_in, in_mask, in_batch, anchors, out_mask, out_batch, *, del
   return neighbors, inverse, unique, flags
 
 
-def table_map(inverse, in_mask, out_mask, geometry, *, flags, voxel_size=None,
-              where="kernel map") -> KernelMap:
-  """The map of a generated output set from its table ``inverse[i, slot]`` (the output
-  input ``i`` reaches through ``slot``, ``num_out`` where none; ``generate.py``): no
-  search, the neighbour table is the table's inverse."""
-  neighbors, unique = lookup.invert(inverse, out_mask.shape[0])
+def table_map(inverse, neighbors, unique, in_mask, out_mask, geometry, *, flags,
+              voxel_size=None, where="kernel map") -> KernelMap:
+  """The map of a generated output set from ``generate.py``'s tables (no search):
+  ``inverse[i, slot]`` (the output input ``i`` reaches through ``slot``, ``num_out`` where
+  none), its inverse ``neighbors`` and whether that is exact (``unique``)."""
   # Two inputs reaching one output through one slot: they share a voxel.
   flags = flags | errors.bit(~unique, ErrorCode.DUPLICATE_INPUT)
   errors.report(flags, where)

@@ -404,12 +404,12 @@ class SparseTensor:
     n = self.coords.shape[0]
     bound = generate.max_outputs(geo, n)
     cap = bound if capacity is None else checks.check_capacity(capacity)
-    out, count, out_b, table, flags = generate.generate(
+    out, count, out_b, table, nbr, unique, flags = generate.generate(
         self.coords, self.valid, self.batch, geometry=geo, capacity=cap)
     if capacity is None and all(checks.is_concrete(a) for a in (count, flags)):
       if not int(flags):  # shrink to the exact count
         cap = min(cap, round_capacity(int(count)))
-        out, table = out[:cap], jnp.where(table >= cap, cap, table)
+        out, table, nbr = out[:cap], jnp.where(table >= cap, cap, table), nbr[:cap]
         out_b = None if out_b is None else out_b[:cap]
     flags = flags | self.flags
     out_valid = jnp.arange(cap) < count
@@ -419,7 +419,7 @@ class SparseTensor:
                        out * np.asarray(geo.stride, np.int32), out_valid, out_b, geo,
                        flags=flags, voxel_size=self._iso_voxel_size(), where=where)
     else:
-      km = table_map(table, self.valid, out_valid, geo, flags=flags,
+      km = table_map(table, nbr, unique, self.valid, out_valid, geo, flags=flags,
                      voxel_size=self._iso_voxel_size(), where=where)
     scale = jnp.asarray(geo.stride, jnp.float32)
     vs = self.voxel_size / scale if rule == "transpose" else self.voxel_size * scale

@@ -173,7 +173,8 @@ def test_capacity_overflow_is_flagged(rng):
                                   "vmap", "far"])
 def test_native_output_sets_match_jnp(case, rng):
   """The native CPU pass that builds a generating conv's output set (ffi.cpu_generate: conv,
-  transpose and floor rules) gives the jnp path's output set, batches, inverse table, count and flags, bit for bit:
+  transpose and floor rules) gives the jnp path's output set, batches, inverse table, its
+  inverse (the neighbour table) and exactness, count and flags, bit for bit:
   packed clouds, one cloud, more outputs than the capacity, negative coordinates (no grid
   to clip to), no valid input, a vmapped batch of padded clouds, and a span past 2^20
   (OUT_OF_RANGE: the native pass's general sort)."""
@@ -212,7 +213,8 @@ def test_native_output_sets_match_jnp(case, rng):
         assert got is None
         continue
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    flags = int(np.max(np.asarray(native[4])))
+    assert len(native) == 7
+    flags = int(np.max(np.asarray(native[6])))
     assert bool(flags & int(sc.ErrorCode.CAPACITY_OVERFLOW)) == (case == "overflow")
     assert bool(flags & int(sc.ErrorCode.OUT_OF_RANGE)) == (case == "far")
     if case == "empty":

@@ -247,7 +247,7 @@ def search_cases():
     expect_error(f"sort {name}", "jsc_cpu_sort_keys", res, *args)
 
   # generate: coords (N, 3), valid (N,), batch (N,) -> out (C, 3), out_b (C,), inverse (N, S),
-  # count (), flags (); attributes rule, kernel, stride, padding, dilation, shape (3 each)
+  # neighbors (C, S), unique (), count (), flags (); attributes rule, kernel, stride, padding, dilation, shape (3 each)
   def gen_attrs(rule=2, kernel=(1, 1, 1), stride=(2, 2, 2), padding=(0, 0, 0),
                 dilation=(1, 1, 1), shape=(-1, -1, -1)):
     return {"rule": np.int64(rule), **{k: np.asarray(v, np.int64) for k, v in (
@@ -256,30 +256,38 @@ def search_cases():
 
   gc = jnp.asarray([[2, 1, 0], [0, 0, 0], [3, 1, 1], [5, 5, 5]], I32)
   gv, gb = jnp.asarray([True, True, True, False]), jnp.zeros(4, I32)
-  good = [((3, 3), I32), ((3,), I32), ((4, 1), I32), ((), I32), ((), I32)]
+  good = [((3, 3), I32), ((3,), I32), ((4, 1), I32), ((3, 1), I32), ((), BOOL), ((), I32),
+          ((), I32)]
   floor = gen_attrs()  # floor(x / 2): [1, 0, 0], [0, 0, 0], [1, 0, 0]
+  # (inputs 0 and 2 share output 1's one slot: the later input wins, not unique)
   expect_ok("generate floor", "jsc_cpu_generate", good,
             [np.asarray([[0, 0, 0], [1, 0, 0], [0, 0, 0]]), np.zeros(3),
-             np.asarray([[1], [0], [1], [3]]), np.asarray(2), np.asarray(0)], gc, gv, gb,
-            attrs=floor)
+             np.asarray([[1], [0], [1], [3]]), np.asarray([[1], [2], [4]]), np.asarray(False),
+             np.asarray(2), np.asarray(0)], gc, gv, gb, attrs=floor)
   expect_ok("generate empty", "jsc_cpu_generate",
-            [((0, 3), I32), ((0,), I32), ((0, 1), I32), ((), I32), ((), I32)], [None] * 5,
+            [((0, 3), I32), ((0,), I32), ((0, 1), I32), ((0, 1), I32), ((), BOOL), ((), I32),
+             ((), I32)], [None] * 4 + [np.asarray(True), None, None],
             gc[:0], gv[:0], gb[:0], attrs=floor)
   expect_ok("generate capacity 1", "jsc_cpu_generate",
-            [((1, 3), I32), ((1,), I32), ((4, 1), I32), ((), I32), ((), I32)],
+            [((1, 3), I32), ((1,), I32), ((4, 1), I32), ((1, 1), I32), ((), BOOL), ((), I32),
+             ((), I32)],
             [np.asarray([[0, 0, 0]]), np.zeros(1), np.asarray([[1], [0], [1], [1]]),
-             np.asarray(1), np.asarray(64)], gc, gv, gb, attrs=floor)
+             np.asarray([[1]]), np.asarray(True), np.asarray(1), np.asarray(64)], gc, gv, gb,
+            attrs=floor)
   # transposed, kernel (2, 1, 1), stride (2, 1, 1): [1, 0, 0] reaches [2, 0, 0] and [3, 0, 0]
   expect_ok("generate transpose", "jsc_cpu_generate",
-            [((2, 3), I32), ((2,), I32), ((1, 2), I32), ((), I32), ((), I32)],
+            [((2, 3), I32), ((2,), I32), ((1, 2), I32), ((2, 2), I32), ((), BOOL), ((), I32),
+             ((), I32)],
             [np.asarray([[2, 0, 0], [3, 0, 0]]), np.zeros(2), np.asarray([[0, 1]]),
-             np.asarray(2), np.asarray(0)], gc[:1] - jnp.asarray([[1, 1, 0]], I32), gv[:1], gb[:1],
+             np.asarray([[0, 1], [1, 0]]), np.asarray(True), np.asarray(2), np.asarray(0)],
+            gc[:1] - jnp.asarray([[1, 1, 0]], I32), gv[:1], gb[:1],
             attrs=gen_attrs(1, (2, 1, 1), (2, 1, 1)))
   # conv, kernel 3, stride 2, padding 1, clipped to a (1, 1, 1) grid: only [0, 0, 0] stays
   expect_ok("generate conv clipped", "jsc_cpu_generate",
-            [((2, 3), I32), ((2,), I32), ((4, 27), I32), ((), I32), ((), I32)],
-            [np.zeros((2, 3)), np.zeros(2), None, np.asarray(1), np.asarray(0)], gc, gv, gb,
-            attrs=gen_attrs(0, (3, 3, 3), (2, 2, 2), (1, 1, 1), shape=(1, 1, 1)))
+            [((2, 3), I32), ((2,), I32), ((4, 27), I32), ((2, 27), I32), ((), BOOL), ((), I32),
+             ((), I32)],
+            [np.zeros((2, 3)), np.zeros(2), None, None, None, np.asarray(1), np.asarray(0)],
+            gc, gv, gb, attrs=gen_attrs(0, (3, 3, 3), (2, 2, 2), (1, 1, 1), shape=(1, 1, 1)))
   for name, args, res, at in [
       ("valid length", (gc, gv[:3], gb), good, floor),
       ("batch length", (gc, gv, gb[:3]), good, floor),
@@ -290,7 +298,10 @@ def search_cases():
       ("inverse slots", (gc, gv, gb), good[:2] + [((4, 2), I32)] + good[3:], floor),
       ("out width", (gc, gv, gb), [((3, 2), I32)] + good[1:], floor),
       ("out_b length", (gc, gv, gb), good[:1] + [((2,), I32)] + good[2:], floor),
-      ("count rank", (gc, gv, gb), good[:3] + [((1,), I32)] + good[4:], floor),
+      ("neighbors rows", (gc, gv, gb), good[:3] + [((4, 1), I32)] + good[4:], floor),
+      ("neighbors slots", (gc, gv, gb), good[:3] + [((3, 2), I32)] + good[4:], floor),
+      ("unique int32", (gc, gv, gb), good[:4] + [((), I32)] + good[5:], floor),
+      ("count rank", (gc, gv, gb), good[:5] + [((1,), I32)] + good[6:], floor),
       ("rule 3", (gc, gv, gb), good, gen_attrs(3)),
       ("rule -1", (gc, gv, gb), good, gen_attrs(-1)),
       ("kernel 0", (gc, gv, gb), good, gen_attrs(kernel=(0, 1, 1))),
